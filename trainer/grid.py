@@ -1,0 +1,169 @@
+"""The granularity grid: one cell is (layers kept, leading dims kept, bits per dim).
+
+Canonical text form: ``L4-D128-B1`` (4 transformer layers, the first 128 dims, 1 bit per dim).
+``B32`` means float32, and ``L4-D128`` is shorthand for ``L4-D128-B32``. Training, evaluation,
+export and publishing all parse and validate cells here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+FLOAT_BITS = 32
+MAX_CODE_BITS = 16
+_CELL_PATTERN = re.compile(r"^L(\d+)-D(\d+)(?:-B(\d+))?$", re.IGNORECASE)
+
+
+class GridError(ValueError):
+    """A cell or grid that cannot exist; the message names the key, the value and what is valid."""
+
+
+@dataclass(frozen=True, order=True)
+class Cell:
+    """A sub-model: the first ``layers`` transformer layers, the first ``dim`` output dims, ``bits`` per dim."""
+
+    layers: int
+    dim: int
+    bits: int = FLOAT_BITS
+
+    def __post_init__(self) -> None:
+        if self.layers < 1:
+            raise GridError(f"cell {self}: layers must be >= 1, got {self.layers}")
+        if self.dim < 1:
+            raise GridError(f"cell {self}: dim must be >= 1, got {self.dim}")
+        if not (1 <= self.bits <= MAX_CODE_BITS or self.bits == FLOAT_BITS):
+            raise GridError(
+                f"cell {self}: bits must be 1..{MAX_CODE_BITS} (binary codes) or {FLOAT_BITS} (float), "
+                f"got {self.bits}"
+            )
+
+    def __str__(self) -> str:
+        return f"L{self.layers}-D{self.dim}-B{self.bits}"
+
+    @classmethod
+    def parse(cls, text: str | Cell, key: str = "cell") -> Cell:
+        """Parse ``L4-D128-B1`` / ``L4-D128``; ``key`` names the config key in error messages."""
+        if isinstance(text, Cell):
+            return text
+        match = _CELL_PATTERN.match(str(text).strip())
+        if match is None:
+            raise GridError(f"{key}: {text!r} is not a cell; expected the form L<layers>-D<dims>[-B<bits>], e.g. L4-D128-B1")
+        layers, dim, bits = match.groups()
+        return cls(int(layers), int(dim), int(bits) if bits else FLOAT_BITS)
+
+    @property
+    def name2d(self) -> str:
+        """The (layer, dim) part, ``L4-D128``: the name of a float cell in loss logs."""
+        return f"L{self.layers}-D{self.dim}"
+
+    @property
+    def is_float(self) -> bool:
+        return self.bits == FLOAT_BITS
+
+    @property
+    def bytes_per_vector(self) -> float:
+        """Storage of one vector: float32 for B32, ``dim * bits / 8`` for codes."""
+        return self.dim * self.bits / 8
+
+    def with_bits(self, bits: int) -> Cell:
+        return Cell(self.layers, self.dim, bits)
+
+    def check_fits(self, num_layers: int, embedding_dim: int, key: str = "cell") -> None:
+        """Raise GridError when the cell asks for more layers or dims than the model has."""
+        if self.layers > num_layers:
+            raise GridError(f"{key}: {self} keeps {self.layers} layers but the model has {num_layers} (valid: 1..{num_layers})")
+        if self.dim > embedding_dim:
+            raise GridError(
+                f"{key}: {self} keeps {self.dim} dims but the model embeds in {embedding_dim} (valid: 1..{embedding_dim})"
+            )
+
+
+def _strictly_increasing(values: Sequence[int], key: str) -> tuple[int, ...]:
+    values = tuple(int(v) for v in values)
+    if not values:
+        raise GridError(f"{key}: empty list; give at least one value")
+    if any(b <= a for a, b in itertools.pairwise(values)):
+        raise GridError(f"{key}: {list(values)} must be strictly increasing, e.g. [32, 64, 128]")
+    return values
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The (layer, dim) cells a run trains or evaluates, and the bit depths of its codes (B32 = float only)."""
+
+    cells: tuple[Cell, ...]
+    bits: tuple[int, ...] = (FLOAT_BITS,)
+
+    def __post_init__(self) -> None:
+        if not self.cells:
+            raise GridError("cells: empty cell list; give at least one cell, e.g. [L6-D384]")
+        if len(set(self.cells)) != len(self.cells):
+            raise GridError(f"cells: duplicate cells in {[str(c) for c in self.cells]}")
+        if any(not c.is_float for c in self.cells):
+            raise GridError("cells: list (layer, dim) cells as L<layers>-D<dims>; give bit depths under 'bits'")
+        for b in self.bits:
+            Cell(1, 1, b)  # validates the depth
+
+    @classmethod
+    def from_spec(
+        cls,
+        cells: Iterable[str | Sequence[int]] | None = None,
+        layers: Sequence[int] | None = None,
+        dims: Sequence[int] | None = None,
+        bits: Sequence[int] | None = None,
+    ) -> Grid:
+        """Either an explicit cell list (``"L4-D128"`` or ``[4, 128]``) or the product ``layers x dims``."""
+        if cells is not None and (layers is not None or dims is not None):
+            raise GridError("cells: give either 'cells' or 'layers' and 'dims', not both")
+        if cells is not None:
+            parsed = tuple(_cell_from_item(item) for item in cells)
+        elif layers is not None and dims is not None:
+            layers = _strictly_increasing(layers, "layers")
+            dims = _strictly_increasing(dims, "dims")
+            parsed = tuple(Cell(layer, dim) for layer in layers for dim in dims)
+        else:
+            raise GridError("cells: no cells given; set 'cells' (e.g. [L2-D32, L6-D384]) or both 'layers' and 'dims'")
+        bit_depths = tuple(sorted(set(int(b) for b in bits))) if bits else (FLOAT_BITS,)
+        return cls(parsed, bit_depths)
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(sorted({c.layers for c in self.cells}))
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        return tuple(sorted({c.dim for c in self.cells}))
+
+    @property
+    def code_bits(self) -> tuple[int, ...]:
+        """The binary bit depths (B32 excluded)."""
+        return tuple(b for b in self.bits if b != FLOAT_BITS)
+
+    @property
+    def full_cell(self) -> Cell:
+        """The largest cell: most layers, then most dims."""
+        return max(self.cells)
+
+    def all_cells(self) -> list[Cell]:
+        """Every (layer, dim, bits) cell of the grid."""
+        return [c.with_bits(b) for c in self.cells for b in self.bits]
+
+    def check_nested(self) -> None:
+        """Starbucks-style lists: both layers and dims strictly increase along the list."""
+        _strictly_increasing([c.layers for c in self.cells], "cells (layers)")
+        _strictly_increasing([c.dim for c in self.cells], "cells (dims)")
+
+    def check_fits(self, num_layers: int, embedding_dim: int) -> None:
+        for cell in self.cells:
+            cell.check_fits(num_layers, embedding_dim, key="cells")
+
+
+def _cell_from_item(item: str | Sequence[int] | Cell) -> Cell:
+    if isinstance(item, (str, Cell)):
+        return Cell.parse(item, key="cells")
+    if isinstance(item, Sequence) and len(item) == 2:
+        return Cell(int(item[0]), int(item[1]))
+    raise GridError(f"cells: {item!r} is not a cell; use 'L4-D128' or [4, 128]")

@@ -1,0 +1,2 @@
+class RecipeError(ValueError):
+    pass
