@@ -104,7 +104,7 @@ def encode_layers(
         batch = [texts[i] for i in order[start : start + batch_size]]
         if prompt:
             batch = [prompt + t for t in batch]
-        features = model.tokenize(batch)
+        features = model.preprocess(batch)
         features = {k: v.to(model.device) if isinstance(v, Tensor) else v for k, v in features.items()}
         for layer, emb in embed_layers(model, features, layers).items():
             chunks[layer].append(emb.float().cpu())
