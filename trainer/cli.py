@@ -7,8 +7,8 @@ import sys
 
 from trainer.beir import DataError
 from trainer.codes import CodeError
+from trainer.errors import RecipeError
 from trainer.grid import GridError
-from trainer.recipe import RecipeError
 
 USER_ERRORS = (RecipeError, GridError, DataError, CodeError)
 

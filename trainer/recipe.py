@@ -1,2 +1,0 @@
-class RecipeError(ValueError):
-    pass
