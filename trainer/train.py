@@ -1,0 +1,165 @@
+"""Run a recipe: validate, load data, build the loss, train with sentence-transformers' Trainer."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+from torch import nn
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from trainer.data import load_sources
+from trainer.errors import RecipeError
+from trainer.grid import Cell, Grid
+from trainer.layers import embedding_dim, num_layers
+from trainer.losses import CellSelection, ElasticLoss, InfoNCELoss, Matryoshka2dLoss
+from trainer.recipe import Recipe, load_recipe
+
+logger = logging.getLogger(__name__)
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def resolve_resume(recipe: Recipe) -> str | None:
+    """``resume_from_checkpoint``: a checkpoint folder, or ``true`` for the latest one in output_dir."""
+    resume = recipe.training.get("resume_from_checkpoint")
+    if resume in (None, False, "", "false", "False"):
+        return None
+    if resume in (True, "true", "True"):
+        last = get_last_checkpoint(str(recipe.output_dir)) if recipe.output_dir.is_dir() else None
+        if last is None:
+            raise RecipeError(f"training.resume_from_checkpoint: no checkpoint-* folder in {str(recipe.output_dir)!r}")
+        return last
+    if not Path(resume).is_dir():
+        raise RecipeError(f"training.resume_from_checkpoint: {resume!r} is not a checkpoint folder")
+    return str(resume)
+
+
+def prepare_output_dir(recipe: Recipe, resume: str | None) -> None:
+    """Never overwrite a run silently: a non-empty output_dir needs a resume or an explicit overwrite."""
+    out = recipe.output_dir
+    overwrite = recipe.training.get("overwrite_output_dir") in (True, "true", "True")
+    if resume or not out.is_dir() or not any(out.iterdir()) or not is_main_process():
+        return
+    if not overwrite:
+        raise RecipeError(
+            f"training.output_dir: {str(out)!r} already holds a run; pass --resume_from_checkpoint true to continue "
+            "it, --overwrite_output_dir true to replace it, or choose another output_dir"
+        )
+    logger.warning("overwrite_output_dir: removing the previous run in %s", out)
+    shutil.rmtree(out)
+
+
+def build_loss(recipe: Recipe, model: SentenceTransformer, grid: Grid) -> ElasticLoss:
+    """The recipe's terms (2D Matryoshka contrastive, binary codes, distillation) around one forward pass."""
+    config = recipe.loss
+    full = Cell(num_layers(model), embedding_dim(model))
+    selection = CellSelection(grid, full, config.type, config.n_layers_per_step, config.n_dims_per_step, config.seed)
+    contrastive = InfoNCELoss(config.scale, config.symmetric, config.gather_across_devices)
+    terms: dict[str, nn.Module] = {}
+    if config.contrastive_weight > 0:
+        weights = {cell: config.contrastive_weight for cell in selection.cells_for_step()} | {
+            Cell.parse(name): config.contrastive_weight * weight for name, weight in config.cell_weights.items()
+        }
+        terms["matryoshka"] = Matryoshka2dLoss(contrastive, weights, config.kl_weight, config.kl_temperature)
+    if recipe.binary is not None:
+        from trainer.heads import build_binary_term
+
+        terms["binary"] = build_binary_term(recipe.binary, grid, contrastive)
+    if recipe.distill is not None:
+        from trainer.distill import build_distill_term
+
+        terms["distill"] = build_distill_term(recipe.distill, recipe.model.name, embedding_dim(model))
+    return ElasticLoss(model, selection, terms)
+
+
+class LossStateCallback(TrainerCallback):
+    """Keeps the loss's own trainable state (binarization heads, distillation projection) with the model.
+
+    Each term with ``save_pretrained`` is saved into every checkpoint and the final output_dir. Under
+    DDP those parameters live outside the wrapped model, so their gradients are averaged over processes
+    here before each optimizer step.
+    """
+
+    def __init__(self, loss: ElasticLoss) -> None:
+        self.loss = loss
+        model_params = {id(p) for p in loss.model.parameters()}
+        self.own_params = [p for p in loss.parameters() if id(p) not in model_params and p.requires_grad]
+
+    def stateful_terms(self) -> list[nn.Module]:
+        return [term for term in self.loss.terms.values() if hasattr(term, "save_pretrained")]
+
+    def save(self, folder: str | Path) -> None:
+        for term in self.stateful_terms():
+            term.save_pretrained(folder)
+
+    def load(self, folder: str | Path) -> None:
+        for term in self.stateful_terms():
+            term.load_state(folder)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.own_params and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for param in self.own_params:
+                if param.grad is not None:
+                    dist.all_reduce(param.grad, op=dist.ReduceOp.AVG)
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.save(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+
+def load_model(recipe: Recipe) -> SentenceTransformer:
+    config = recipe.model
+    model = SentenceTransformer(config.name, revision=config.revision, trust_remote_code=config.trust_remote_code)
+    if config.max_seq_length:
+        model.max_seq_length = config.max_seq_length
+    return model
+
+
+def train(recipe: Recipe) -> SentenceTransformerTrainer:
+    resume = resolve_resume(recipe)
+    prepare_output_dir(recipe, resume)
+    train_data = load_sources(recipe.data.train, "data.train")
+    eval_data = load_sources(recipe.data.eval, "data.eval") if recipe.data.eval else None
+    if recipe.binary is not None and recipe.binary.mode == "head-only":
+        from trainer.head_only import train_heads_from_recipe
+
+        train_heads_from_recipe(recipe, train_data)
+        return None
+    model = load_model(recipe)
+    grid = recipe.loss.grid(num_layers(model), embedding_dim(model))
+    if recipe.distill is not None:
+        from trainer.distill import label_datasets
+
+        train_data = label_datasets(train_data, recipe.distill, recipe.model.name)
+        eval_data = label_datasets(eval_data, recipe.distill, recipe.model.name) if eval_data else None
+    loss = build_loss(recipe, model, grid)
+    training = {k: v for k, v in recipe.training.items() if k not in ("overwrite_output_dir", "resume_from_checkpoint")}
+    args = SentenceTransformerTrainingArguments(**training)
+    callback = LossStateCallback(loss)
+    trainer = SentenceTransformerTrainer(
+        model=model, args=args, train_dataset=train_data, eval_dataset=eval_data, loss=loss, callbacks=[callback]
+    )
+    if resume:
+        callback.load(resume)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(str(recipe.output_dir))
+    if trainer.is_world_process_zero():
+        callback.save(recipe.output_dir)
+        from trainer.manifest import write_manifest
+
+        write_manifest(recipe, grid, model)
+    return trainer
+
+
+def train_from_recipe(path: str, overrides: list[str] | None = None) -> SentenceTransformerTrainer:
+    torch.set_float32_matmul_precision("high")
+    return train(load_recipe(path, overrides))
