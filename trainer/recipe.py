@@ -189,8 +189,19 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             target = target.setdefault(part, {})
             if not isinstance(target, dict):
                 raise RecipeError(f"command line: --{key}: {part} is not a section")
-        target[path[-1]] = yaml.safe_load(value) if value != "" else ""
+        target[path[-1]] = parse_value(value)
     return raw
+
+
+def parse_value(text: str) -> Any:
+    """A command-line or YAML string as a value: numbers like ``1e-4`` (which YAML 1.1 reads as a string)
+    become floats, the rest is read as YAML."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    return yaml.safe_load(text) if text != "" else ""
 
 
 def _read_model_json(name: str, filename: str, revision: str | None) -> dict | None:
@@ -199,13 +210,18 @@ def _read_model_json(name: str, filename: str, revision: str | None) -> dict | N
         path = local / filename
         return json.loads(path.read_text()) if path.is_file() else None
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     try:
         return json.loads(Path(hf_hub_download(name, filename, revision=revision)).read_text())
     except EntryNotFoundError:
         return None
-    except (LocalEntryNotFoundError, RepositoryNotFoundError, OSError) as error:
+    except (LocalEntryNotFoundError, RepositoryNotFoundError, HFValidationError, OSError) as error:
         raise RecipeError(
             f"model.name: cannot read {filename} of {name!r} ({type(error).__name__}); offline, run `make models` "
             "or give a local sentence-transformers folder"
@@ -275,7 +291,7 @@ def _check_training(training: Any) -> dict[str, Any]:
             )
     if not training.get("output_dir"):
         raise RecipeError("training.output_dir: missing; say where checkpoints go, e.g. runs/my-model")
-    return dict(training)
+    return {k: parse_value(v) if isinstance(v, str) else v for k, v in training.items()}
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

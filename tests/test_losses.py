@@ -1,0 +1,118 @@
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainer.grid import Cell, Grid
+from trainer.layers import embed_layers
+from trainer.losses import CellBatch, CellSelection, ElasticLoss, InfoNCELoss, Matryoshka2dLoss
+
+
+def unit(rows):
+    return F.normalize(torch.tensor(rows, dtype=torch.float64), dim=-1)
+
+
+def hand_infonce(anchors, candidates, scale):
+    """-1/N sum_i log(exp(s_ii) / sum_j exp(s_ij)) with plain Python arithmetic."""
+    total = 0.0
+    for i, a in enumerate(anchors.tolist()):
+        scores = [scale * sum(x * y for x, y in zip(a, c, strict=True)) for c in candidates.tolist()]
+        total += -(scores[i] - math.log(sum(math.exp(s) for s in scores)))
+    return total / len(anchors)
+
+
+def test_infonce_matches_hand_computation_with_hard_negatives():
+    anchors = unit([[1.0, 0.0, 0.2], [0.3, 1.0, 0.0]])
+    positives = unit([[0.9, 0.1, 0.0], [0.0, 1.0, 0.5]])
+    negatives = unit([[1.0, 0.2, 0.1], [0.2, 0.8, 0.0]])
+    loss, scores = InfoNCELoss(scale=5.0)(anchors, [positives, negatives])
+    expected = hand_infonce(anchors, torch.cat([positives, negatives]), 5.0)
+    assert loss.item() == pytest.approx(expected, rel=1e-9)
+    assert scores.shape == (2, 4)
+
+
+def test_symmetric_infonce_averages_both_directions():
+    anchors = unit([[1.0, 0.0], [0.6, 0.8]])
+    positives = unit([[0.8, 0.6], [0.0, 1.0]])
+    loss, _ = InfoNCELoss(scale=3.0, symmetric=True)(anchors, [positives])
+    expected = (hand_infonce(anchors, positives, 3.0) + hand_infonce(positives, anchors, 3.0)) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_matryoshka_term_adds_kl_to_the_detached_full_cell():
+    full, small = Cell(2, 3), Cell(1, 2)
+    a_full, p_full = unit([[1.0, 0.0, 0.1], [0.0, 1.0, 0.3]]), unit([[0.9, 0.2, 0.0], [0.1, 1.0, 0.0]])
+    a_small = unit([[1.0, 0.4], [0.2, 1.0]]).requires_grad_(True)
+    p_small = unit([[1.0, 0.0], [0.5, 1.0]])
+    batch = CellBatch({full: [a_full, p_full], small: [a_small, p_small]}, [{}, {}], full, None)
+    term = Matryoshka2dLoss(InfoNCELoss(scale=4.0), weights={small: 0.5}, kl_weight=2.0, kl_temperature=2.0)
+    out = term(batch)
+    assert set(out) == {"loss/L2-D3", "loss/L1-D2", "kl/L1-D2"}
+    assert out["loss/L1-D2"].item() == pytest.approx(0.5 * hand_infonce(a_small.detach(), p_small, 4.0), rel=1e-9)
+    p = torch.softmax(4.0 * a_full @ p_full.T / 2.0, dim=-1)
+    q = torch.softmax(4.0 * a_small.detach() @ p_small.T / 2.0, dim=-1)
+    kl = (p * (p.log() - q.log())).sum(-1).mean().item()
+    assert out["kl/L1-D2"].item() == pytest.approx(2.0 * kl, rel=1e-9)
+
+
+def test_kl_gradient_reaches_only_the_small_cell():
+    full, small = Cell(2, 2), Cell(1, 2)
+    a_full = unit([[1.0, 0.1], [0.2, 1.0]]).requires_grad_(True)
+    a_small = unit([[1.0, 0.5], [0.5, 1.0]]).requires_grad_(True)
+    positives = unit([[1.0, 0.0], [0.0, 1.0]])
+    batch = CellBatch({full: [a_full, positives], small: [a_small, positives]}, [{}, {}], full, None)
+    Matryoshka2dLoss(InfoNCELoss(), kl_weight=1.0)(batch)["kl/L1-D2"].backward()
+    assert a_full.grad is None and a_small.grad.abs().sum() > 0
+
+
+def test_starbucks_selection_is_every_cell_plus_full():
+    grid = Grid.from_spec(cells=["L1-D8", "L2-D16"])
+    selection = CellSelection(grid, Cell(4, 32), "starbucks")
+    assert selection.cells_for_step() == [Cell(1, 8), Cell(2, 16), Cell(4, 32)]
+
+
+def test_2dmse_selection_samples_one_layer_and_one_dim_plus_the_last_and_full():
+    grid = Grid.from_spec(layers=[1, 2, 3, 4], dims=[8, 16, 32])
+    selection = CellSelection(grid, Cell(4, 32), "2dmse", seed=0)
+    seen = set()
+    for _ in range(30):
+        cells = selection.cells_for_step()
+        assert len(cells) == 4 and Cell(4, 32) in cells
+        assert {c.layers for c in cells} - {4} and {c.dim for c in cells} - {32}
+        seen.update(cells)
+    assert len(seen) > 6  # sampling actually varies
+    again = CellSelection(grid, Cell(4, 32), "2dmse", seed=0)
+    assert again.cells_for_step() == CellSelection(grid, Cell(4, 32), "2dmse", seed=0).cells_for_step()
+
+
+def test_layer_embedding_equals_a_physically_truncated_model(tiny_model):
+    texts = ["a wing in a slipstream", "boundary layers", "shock waves at high speed"]
+    features = tiny_model.preprocess(texts)
+    with torch.no_grad():
+        layers = embed_layers(tiny_model, features, [2, 4])
+        truncated = copy.deepcopy(tiny_model)
+        encoder = truncated[0].auto_model.encoder
+        encoder.layer = encoder.layer[:2]
+        truncated[0].auto_model.config.num_hidden_layers = 2
+        expected = truncated(dict(features))["sentence_embedding"]
+        assert torch.allclose(layers[2], expected, atol=1e-6)
+        assert torch.allclose(layers[4], tiny_model(dict(features))["sentence_embedding"], atol=1e-6)
+
+
+def test_elastic_loss_runs_the_model_once_per_input_column(tiny_model):
+    calls = []
+    transformer = tiny_model[0]
+    original = transformer.forward
+    transformer.forward = lambda features, **kw: calls.append(1) or original(features, **kw)
+    grid = Grid.from_spec(cells=["L1-D8", "L2-D16", "L3-D24"])
+    selection = CellSelection(grid, Cell(4, 32), "starbucks")
+    loss = ElasticLoss(tiny_model, selection, {"matryoshka": Matryoshka2dLoss(InfoNCELoss())})
+    columns = [tiny_model.preprocess(["query one", "query two"]), tiny_model.preprocess(["doc one", "doc two"])]
+    out = loss(columns, None)
+    assert len(calls) == 2
+    assert {k for k in out if k.startswith("loss/")} == {"loss/L1-D8", "loss/L2-D16", "loss/L3-D24", "loss/L4-D32"}
+    torch.stack(list(out.values())).sum().backward()
+    first_layer = transformer.auto_model.encoder.layer[0].attention.self.query.weight
+    assert first_layer.grad is not None and first_layer.grad.abs().sum() > 0
