@@ -205,27 +205,29 @@ def parse_value(text: str) -> Any:
 
 
 def _read_model_json(name: str, filename: str, revision: str | None) -> dict | None:
+    """A JSON file of a local model folder or hub repo; None when the repo has no such file."""
     local = Path(name)
     if local.is_dir():
         path = local / filename
         return json.loads(path.read_text()) if path.is_file() else None
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
         return json.loads(Path(hf_hub_download(name, filename, revision=revision)).read_text())
-    except EntryNotFoundError:
+    except EntryNotFoundError as error:  # LocalEntryNotFoundError (offline, not cached) is a subclass
+        if isinstance(error, LocalEntryNotFoundError) and filename == "config.json":
+            raise _unreadable(name, error) from None
         return None
-    except (LocalEntryNotFoundError, RepositoryNotFoundError, HFValidationError, OSError) as error:
-        raise RecipeError(
-            f"model.name: cannot read {filename} of {name!r} ({type(error).__name__}); offline, run `make models` "
-            "or give a local sentence-transformers folder"
-        ) from None
+    except (ValueError, OSError) as error:  # bad repo id, repository not found, network
+        raise _unreadable(name, error) from None
+
+
+def _unreadable(name: str, error: Exception) -> RecipeError:
+    return RecipeError(
+        f"model.name: cannot read config.json of {name!r} ({type(error).__name__}); offline, run `make models` "
+        "or give a local sentence-transformers folder"
+    )
 
 
 def model_shape(model: ModelConfig) -> tuple[int, int]:
