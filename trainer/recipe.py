@@ -194,14 +194,20 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def parse_value(text: str) -> Any:
-    """A command-line or YAML string as a value: numbers like ``1e-4`` (which YAML 1.1 reads as a string)
-    become floats, the rest is read as YAML."""
+    """A command-line value: a number (also ``1e-4``, which YAML 1.1 reads as a string), else YAML."""
+    number = as_number(text)
+    if number is not None:
+        return number
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def as_number(text: str) -> int | float | None:
     for kind in (int, float):
         try:
             return kind(text)
         except ValueError:
             continue
-    return yaml.safe_load(text) if text != "" else ""
+    return None
 
 
 def _read_model_json(name: str, filename: str, revision: str | None) -> dict | None:
@@ -293,7 +299,7 @@ def _check_training(training: Any) -> dict[str, Any]:
             )
     if not training.get("output_dir"):
         raise RecipeError("training.output_dir: missing; say where checkpoints go, e.g. runs/my-model")
-    return {k: parse_value(v) if isinstance(v, str) else v for k, v in training.items()}
+    return {k: v if not isinstance(v, str) or as_number(v) is None else as_number(v) for k, v in training.items()}
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
