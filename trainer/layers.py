@@ -36,6 +36,36 @@ def embedding_dim(model: SentenceTransformer) -> int:
     return int(model.get_embedding_dimension())
 
 
+def layer_stack(model: SentenceTransformer) -> tuple[nn.Module, str]:
+    """(parent module, attribute name) of the transformer's list of blocks, e.g. ``(bert.encoder, "layer")``."""
+    depth = num_layers(model)
+    for module in model[0].auto_model.modules():
+        for attribute, child in module.named_children():
+            if isinstance(child, nn.ModuleList) and len(child) == depth:
+                return module, attribute
+    raise ValueError(f"cannot find the list of {depth} transformer blocks in {type(model[0].auto_model).__name__}")
+
+
+def keep_layers(model: SentenceTransformer, layers: int) -> None:
+    """Physically drop every block after the first ``layers`` (and say so in the config)."""
+    parent, attribute = layer_stack(model)
+    setattr(parent, attribute, nn.ModuleList(list(getattr(parent, attribute))[:layers]))
+    transformer_config(model).num_hidden_layers = layers
+
+
+@contextmanager
+def early_exit(model: SentenceTransformer, layers: int) -> Iterator[None]:
+    """Run only the first ``layers`` blocks inside the block (real early exit), then restore the model."""
+    parent, attribute = layer_stack(model)
+    blocks, depth = getattr(parent, attribute), num_layers(model)
+    keep_layers(model, layers)
+    try:
+        yield
+    finally:
+        setattr(parent, attribute, blocks)
+        transformer_config(model).num_hidden_layers = depth
+
+
 @contextmanager
 def hidden_states_enabled(model: SentenceTransformer) -> Iterator[None]:
     """Make the transformer return all hidden states for the duration of the block."""
