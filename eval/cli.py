@@ -1,0 +1,62 @@
+"""Command line: ``python -m eval grid --model M --tasks T ... [--config eval.yaml]`` (``elastic-eval``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from eval.errors import EvalError
+from trainer.beir import DataError
+from trainer.codes import CodeError
+from trainer.grid import GridError
+
+USER_ERRORS = (EvalError, GridError, DataError, CodeError)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    grid = commands.add_parser("grid", help="MTEB retrieval scores of every layer x dim x bits cell")
+    grid.add_argument("--config", help="YAML file with the same keys as these flags; flags override it")
+    grid.add_argument("--model", help="checkpoint directory or sentence-transformers hub id")
+    grid.add_argument("--tasks", nargs="+", help="mteb retrieval task names or BEIR folders, each NAME[:SPLIT]")
+    grid.add_argument("--cells", nargs="+", help="explicit (layer, dim) cells, e.g. L3-D128 L6-D384")
+    grid.add_argument("--layers", nargs="+", type=int, help="layer counts (with --dims); default: all")
+    grid.add_argument("--dims", nargs="+", type=int, help="dims kept (with --layers); default: 32, 64, ..., D")
+    grid.add_argument("--bits", nargs="+", type=int, help="bit depths, 32 = float; default: 32 1")
+    grid.add_argument("--rescore", type=int, help="binary cells: re-rank their top 100*M by the float query (0: off)")
+    grid.add_argument("--output", help="results folder; default results/<model-slug>")
+    grid.add_argument("--batch-size", dest="batch_size", type=int, help="encoding batch size (default 64)")
+    grid.add_argument("--overwrite", action="store_true", default=None, help="recompute cells already scored")
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    from eval.config import KEYS, build_request, load_config, merge
+    from eval.plots import write_plots
+    from eval.report import write_reports
+    from eval.runner import load_model, run_grid
+    from trainer.layers import embedding_dim, num_layers
+
+    config = load_config(args.config) if args.config else {}
+    settings = merge(config, {key: getattr(args, key) for key in KEYS})
+    if not settings.get("model"):
+        raise EvalError("model: missing; give --model or 'model:' in the config")
+    model = load_model(str(settings["model"]))
+    request = build_request(settings, num_layers(model), embedding_dim(model))
+    results = run_grid(request, model)
+    written = write_reports(results, request.output) + write_plots(results, request.output)
+    print(
+        f"{results.scored_cells} cells scored, {len(results.cells) * len(results.tasks) - results.scored_cells} reused"
+    )
+    for path in written:
+        print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        run(args)
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

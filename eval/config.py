@@ -1,0 +1,79 @@
+"""Merge a YAML evaluation config with command-line flags (flags win) into a ``GridRequest``.
+
+YAML keys are the flag names with underscores: model, tasks, cells, layers, dims, bits, rescore, output,
+batch_size, overwrite. Without cells or layers/dims the grid is every layer x the dims
+``32, 64, 128, ... < D`` plus ``D``; without bits it is float and 1-bit codes (B32, B1).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from eval.errors import EvalError
+from eval.runner import GridRequest
+from trainer.grid import FLOAT_BITS, Grid
+
+KEYS = ("model", "tasks", "cells", "layers", "dims", "bits", "rescore", "output", "batch_size", "overwrite")
+DEFAULT_BITS = (FLOAT_BITS, 1)
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise EvalError(f"config: {str(path)!r} does not exist")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise EvalError(f"config: {path} must be a mapping of keys {list(KEYS)}")
+    unknown = sorted(set(data) - set(KEYS))
+    if unknown:
+        raise EvalError(f"config: {path} has unknown keys {unknown}; valid keys: {list(KEYS)}")
+    return data
+
+
+def merge(config: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
+    """Config values, overridden by every flag that was given (not None)."""
+    return {**config, **{k: v for k, v in flags.items() if v is not None}}
+
+
+def default_dims(embedding_dim: int) -> list[int]:
+    """Powers of two from 32 below the model's width, then the full width."""
+    dims, dim = [], 32
+    while dim < embedding_dim:
+        dims.append(dim)
+        dim *= 2
+    return [*dims, embedding_dim]
+
+
+def model_slug(model: str) -> str:
+    path = Path(model)
+    return path.resolve().name if path.is_dir() else model.replace("/", "__")
+
+
+def build_request(settings: dict[str, Any], num_layers: int, embedding_dim: int) -> GridRequest:
+    """The request of merged settings; ``num_layers`` / ``embedding_dim`` fill the default grid."""
+    for key in ("model", "tasks"):
+        if not settings.get(key):
+            raise EvalError(f"{key}: missing; give --{key} or '{key}:' in the config")
+    tasks = settings["tasks"]
+    tasks = [tasks] if isinstance(tasks, str) else [str(t) for t in tasks]
+    cells, layers, dims = settings.get("cells"), settings.get("layers"), settings.get("dims")
+    if cells is None:
+        layers = layers if layers is not None else list(range(1, num_layers + 1))
+        dims = dims if dims is not None else default_dims(embedding_dim)
+    grid = Grid.from_spec(cells=cells, layers=layers, dims=dims, bits=settings.get("bits") or DEFAULT_BITS)
+    rescore = int(settings.get("rescore") or 0)
+    if rescore < 0:
+        raise EvalError(f"rescore: must be >= 0 (0 = off), got {rescore}")
+    output = Path(settings.get("output") or Path("results") / model_slug(str(settings["model"])))
+    return GridRequest(
+        model=str(settings["model"]),
+        tasks=tasks,
+        grid=grid,
+        output=output,
+        rescore=rescore,
+        batch_size=int(settings.get("batch_size") or 64),
+        overwrite=bool(settings.get("overwrite")),
+    )

@@ -1,0 +1,182 @@
+"""Score every cell of a grid on every task with mteb, encoding each text once, resuming finished cells.
+
+Result files follow mteb's cache layout under ``<output>/results``, one mteb *experiment* per cell::
+
+    <output>/results/<model>/<revision>/experiments/cell_L4-D128-B1/<Task>.json
+    <output>/results/<model>/<revision>/experiments/cell_L4-D128-B1__rescore_4/<Task>.json  (--rescore 4)
+
+so ``mteb.ResultCache(<output>)`` loads them and a rerun skips every cell whose split is already scored.
+Embeddings of all needed layers are cached in ``<output>/embeddings/<Task>-<split>.safetensors``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mteb
+from mteb.abstasks.retrieval import AbsTaskRetrieval
+from mteb.cache import ResultCache
+from mteb.models.abs_encoder import get_prompt_name
+from mteb.models.model_meta import ModelMeta, ScoringFunction
+from mteb.types import PromptType
+from sentence_transformers import SentenceTransformer
+from tqdm.auto import tqdm
+
+from eval.binary import check_codes, load_heads
+from eval.embeddings import load_or_encode
+from eval.errors import EvalError
+from eval.search import CellSearch
+from eval.tasks import resolve_task, task_texts
+from trainer.grid import Cell, Grid
+from trainer.layers import embedding_dim, num_layers
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+@dataclass(frozen=True)
+class GridRequest:
+    """What to evaluate; ``rescore`` M > 0 re-ranks the top k*M code hits of binary cells with the float query."""
+
+    model: str
+    tasks: list[str]
+    grid: Grid
+    output: Path
+    rescore: int = 0
+    batch_size: int = 64
+    overwrite: bool = False
+
+
+@dataclass
+class GridResults:
+    """``scores[task][cell]`` is the mteb score dict of the evaluated split (ndcg_at_10, mrr_at_10, ...)."""
+
+    model: str
+    revision: str
+    num_layers: int
+    embedding_dim: int
+    cells: list[Cell]
+    tasks: dict[str, str]  # task name -> split
+    rescore: int
+    scores: dict[str, dict[Cell, dict[str, Any]]] = field(default_factory=dict)
+    scored_cells: int = 0
+
+
+def load_model(model: str) -> SentenceTransformer:
+    try:
+        return SentenceTransformer(model, device="cpu" if not _has_cuda() else None)
+    except (OSError, ValueError) as error:
+        raise EvalError(
+            f"model: cannot load {model!r} as a SentenceTransformer ({error}); "
+            "give a checkpoint directory or a hub id that is in the local cache"
+        ) from None
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def model_identity(model: str) -> tuple[str, str]:
+    """(name, revision): a hub id as is, or ``local/<dir name>``; revision = SHA-256 prefix of the weights."""
+    folder = Path(model)
+    name = f"local/{folder.resolve().name}" if folder.is_dir() else model
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(model, local_files_only=True))
+        except Exception:  # noqa: BLE001 -- an unresolvable snapshot only loses the revision label
+            return name, "no_revision_available"
+    for weights in WEIGHT_FILES:
+        if (folder / weights).is_file():
+            digest = hashlib.sha256((folder / weights).read_bytes()).hexdigest()
+            return name, digest[:12]
+    return name, "no_revision_available"
+
+
+def cell_meta(name: str, revision: str, cell: Cell, rescore: int) -> ModelMeta:
+    """The mteb model metadata of one cell; ``experiment_kwargs`` names the experiment folder."""
+    kwargs: dict[str, Any] = {"cell": str(cell)}
+    if rescore and not cell.is_float:
+        kwargs["rescore"] = rescore
+    return ModelMeta.create_empty(
+        overwrites=dict(
+            name=name,
+            revision=revision,
+            embed_dim=cell.dim,
+            framework=["Sentence Transformers", "PyTorch"],
+            similarity_fn_name=ScoringFunction.COSINE if cell.is_float else ScoringFunction.DOT_PRODUCT,
+            experiment_kwargs=kwargs,
+        )
+    )
+
+
+def _prompt(model: SentenceTransformer, task: AbsTaskRetrieval, prompt_type: PromptType) -> str | None:
+    """The prompt mteb's SentenceTransformer wrapper would use (task-name, task-type, then role keys)."""
+    prompts = {k: v for k, v in (model.prompts or {}).items() if v}
+    key = get_prompt_name(prompts or None, task.metadata, prompt_type)
+    return prompts.get(key) if key else None
+
+
+def _is_scored(cache: ResultCache, meta: ModelMeta, task: AbsTaskRetrieval, split: str) -> bool:
+    """A result file holds this split, scored on the same dataset revision (local folders: a content hash)."""
+    result = cache.load_task_result(task.metadata.name, meta)
+    if result is None or not result.scores.get(split):
+        return False
+    return result.dataset_revision == task.metadata.dataset["revision"]
+
+
+def _split_scores(cache: ResultCache, meta: ModelMeta, task: AbsTaskRetrieval, split: str) -> dict[str, Any]:
+    result = cache.load_task_result(task.metadata.name, meta, raise_if_not_found=True)
+    return dict(result.scores[split][0])
+
+
+def run_grid(request: GridRequest, model: SentenceTransformer | None = None) -> GridResults:
+    """Validate everything first (cells, codes, tasks, splits), then encode once per task and score each cell."""
+    model = model if model is not None else load_model(request.model)
+    depth, width = num_layers(model), embedding_dim(model)
+    request.grid.check_fits(depth, width)
+    heads = load_heads(request.model)
+    cells = request.grid.all_cells()
+    for cell in cells:
+        check_codes(cell, heads)
+    tasks = [resolve_task(spec) for spec in request.tasks]
+    names = [task.metadata.name for task, _ in tasks]
+    if len(set(names)) != len(names):
+        raise EvalError(f"tasks: {request.tasks} name the same task twice ({names})")
+    texts = {task.metadata.name: task_texts(task, split) for task, split in tasks}
+
+    name, revision = model_identity(request.model)
+    cache = ResultCache(request.output)
+    results = GridResults(name, revision, depth, width, cells, {t.metadata.name: s for t, s in tasks}, request.rescore)
+    for task, split in tasks:
+        task_name = task.metadata.name
+        metas = {cell: cell_meta(name, revision, cell, request.rescore) for cell in cells}
+        missing = [c for c in cells if request.overwrite or not _is_scored(cache, metas[c], task, split)]
+        if missing:
+            embeddings = load_or_encode(
+                model,
+                f"{name}@{revision}",
+                texts[task_name],
+                sorted({c.layers for c in missing}),
+                request.output / "embeddings" / f"{task_name}-{split}.safetensors",
+                prompts=(_prompt(model, task, PromptType.query), _prompt(model, task, PromptType.document)),
+                batch_size=request.batch_size,
+            )
+            for cell in tqdm(missing, desc=f"Scoring cells of {task_name}", unit="cell"):
+                search = CellSearch(cell, embeddings, metas[cell], heads=heads, rescore=request.rescore)
+                mteb.evaluate(
+                    search,
+                    task,
+                    cache=cache,
+                    overwrite_strategy="always",  # only missing or stale cells reach this point
+                    show_progress_bar=False,
+                    encode_kwargs={"batch_size": request.batch_size, "show_progress_bar": False},
+                )
+                results.scored_cells += 1
+        results.scores[task_name] = {c: _split_scores(cache, metas[c], task, split) for c in cells}
+    return results

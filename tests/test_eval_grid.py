@@ -1,0 +1,245 @@
+"""The grid path against plain mteb, the one-pass encoding, resume, binary scoring, outputs and bad input."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import mteb
+import numpy as np
+import pytest
+import torch
+from sentence_transformers import SentenceTransformer
+from test_eval_helpers import make_beir_folder, make_tiny_model
+
+import eval.embeddings
+from eval.cli import main
+from eval.runner import GridRequest, run_grid
+from eval.search import CellSearch
+from eval.tasks import resolve_task
+from trainer.codes import CodeError
+from trainer.grid import Cell, Grid
+
+SHARED_CRANFIELD = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cranfield"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return make_tiny_model(root), make_beir_folder(root / "beir")
+
+
+def truncated_model(path: str, layers: int, dim: int) -> SentenceTransformer:
+    """A plain SentenceTransformer that runs only the first ``layers`` layers and keeps ``dim`` dims."""
+    model = SentenceTransformer(path, device="cpu", truncate_dim=dim)
+    encoder = model[0].auto_model.encoder
+    encoder.layer = encoder.layer[:layers]
+    model[0].auto_model.config.num_hidden_layers = layers
+    return model
+
+
+def plain_ndcg(model: SentenceTransformer, task_spec: str) -> float:
+    task, split = resolve_task(task_spec)
+    result = mteb.evaluate(model, task, cache=None, show_progress_bar=False, encode_kwargs={"batch_size": 64})
+    return result.task_results[0].scores[split][0]["ndcg_at_10"]
+
+
+def count_encodes(monkeypatch: pytest.MonkeyPatch) -> Counter:
+    seen: Counter = Counter()
+    real = eval.embeddings.encode_layers
+
+    def counting(model, texts, layers, **kwargs):
+        seen.update(texts)
+        return real(model, texts, layers, **kwargs)
+
+    monkeypatch.setattr(eval.embeddings, "encode_layers", counting)
+    return seen
+
+
+def test_grid_ndcg_equals_plain_mteb_on_truncated_model(tiny, tmp_path):
+    checkpoint, beir = tiny
+    spec = f"{beir}:test"
+    grid = Grid.from_spec(cells=["L1-D16", "L2-D32", "L3-D8"])
+    results = run_grid(GridRequest(str(checkpoint), [spec], grid, tmp_path / "out"))
+    for cell in grid.cells:
+        ours = results.scores["beir"][cell]["ndcg_at_10"]
+        assert ours == pytest.approx(
+            plain_ndcg(truncated_model(str(checkpoint), cell.layers, cell.dim), spec), abs=1e-4
+        )
+
+
+def test_each_text_encoded_once_for_the_whole_grid(tiny, tmp_path, monkeypatch):
+    checkpoint, beir = tiny
+    seen = count_encodes(monkeypatch)
+    grid = Grid.from_spec(layers=[1, 2, 3], dims=[8, 16, 32], bits=[1, 32])
+    results = run_grid(GridRequest(str(checkpoint), [f"{beir}:test"], grid, tmp_path / "out"))
+    assert results.scored_cells == 18
+    assert set(seen.values()) == {1}  # every query and document text went through the encoder exactly once
+    assert len(seen) == 12 + 4  # 12 documents, 4 judged test queries
+
+
+def test_interrupted_grid_resumes_without_reencoding_or_rescoring(tiny, tmp_path, monkeypatch):
+    checkpoint, beir = tiny
+    request = GridRequest(
+        str(checkpoint), [f"{beir}:test"], Grid.from_spec(layers=[1, 3], dims=[8, 32], bits=[1, 32]), tmp_path / "o"
+    )
+    scored: list[Cell] = []
+    real_search = CellSearch.search
+
+    def interrupt_third(self, queries, **kwargs):
+        if len(scored) == 3:
+            raise KeyboardInterrupt
+        scored.append(self.cell)
+        return real_search(self, queries, **kwargs)
+
+    monkeypatch.setattr(CellSearch, "search", interrupt_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(request)
+    first_pass = list(scored)
+    monkeypatch.setattr(
+        CellSearch, "search", lambda self, queries, **kw: scored.append(self.cell) or real_search(self, queries, **kw)
+    )
+    seen = count_encodes(monkeypatch)
+    results = run_grid(request)
+    assert not seen  # embeddings came from the cache
+    assert results.scored_cells == 8 - 3
+    assert set(scored[3:]).isdisjoint(first_pass) and len(scored[3:]) == 5
+    assert len(list((tmp_path / "o" / "results").rglob("beir.json"))) == 8
+
+
+def test_changed_judgments_are_rescored_not_reused(tiny, tmp_path):
+    import shutil
+
+    checkpoint, beir = tiny
+    folder = shutil.copytree(beir, tmp_path / "beir")
+    grid = Grid.from_spec(cells=["L1-D8", "L3-D32"])
+    request = GridRequest(str(checkpoint), [f"{folder}:test"], grid, tmp_path / "o")
+    assert run_grid(request).scored_cells == 2
+    assert run_grid(request).scored_cells == 0
+    qrels = folder / "qrels" / "test.tsv"
+    qrels.write_text("\n".join(qrels.read_text().splitlines()[:-1]) + "\n")  # drop one judgment
+    assert run_grid(request).scored_cells == 2
+
+
+def test_binary_cells_score_by_hamming_and_rescore_by_float_query():
+    torch.manual_seed(0)
+    docs = torch.nn.functional.normalize(torch.randn(20, 16), dim=-1)
+    from eval.embeddings import LayerEmbeddings
+    from eval.runner import cell_meta
+
+    ids = [f"d{i}" for i in range(20)]
+    emb = LayerEmbeddings(ids[:5], ids, {1: docs[:5]}, {1: docs})
+    cell = Cell(1, 16, 1)
+    search = CellSearch(cell, emb, cell_meta("m", "r", cell, 0))
+    search.index({"id": ids})
+    result = search.search({"id": ids[:5]}, top_k=20)
+    signs = (docs > 0).numpy()
+    for i in range(5):
+        hamming = (signs[i] != signs).sum(axis=1)
+        expected = {ids[j]: float(16 - 2 * hamming[j]) for j in range(20)}
+        assert result[ids[i]] == pytest.approx(expected)
+    rescored = CellSearch(cell, emb, cell_meta("m", "r", cell, 2), rescore=2)
+    rescored.index({"id": ids})
+    top = rescored.search({"id": ids[:5]}, top_k=3)
+    for i in range(5):
+        assert len(top[ids[i]]) == 20  # min(RESCORE_K * 2, 20 documents) candidates, all re-scored
+        for doc, score in top[ids[i]].items():
+            j = ids.index(doc)
+            assert score == pytest.approx(float(np.dot(docs[i].numpy(), np.where(signs[j], 1.0, -1.0))), abs=1e-5)
+
+
+def test_mteb_mock_task_runs_through_the_grid(tiny, tmp_path):
+    checkpoint, _ = tiny
+    grid = Grid.from_spec(cells=["L1-D8", "L3-D32"], bits=[1, 32])
+    results = run_grid(GridRequest(str(checkpoint), ["MockRetrievalTask"], grid, tmp_path / "out"))
+    assert results.tasks == {"MockRetrievalTask": "test"}
+    assert all(0 <= s["ndcg_at_10"] <= 1 for s in results.scores["MockRetrievalTask"].values())
+
+
+def test_cli_writes_results_table_and_plots_from_yaml_config(tiny, tmp_path, capsys):
+    checkpoint, beir = tiny
+    config = tmp_path / "eval.yaml"
+    config.write_text(f"model: {checkpoint}\ntasks: ['{beir}:test']\nlayers: [1, 3]\ndims: [8, 16, 32]\nbits: [32]\n")
+    out = tmp_path / "out"
+    main(["grid", "--config", str(config), "--bits", "1", "32", "--output", str(out)])  # flag overrides bits
+    grid = json.loads((out / "grid.json").read_text())
+    assert {"model", "revision", "num_layers", "embedding_dim", "tasks", "cells"} <= set(grid)
+    assert grid["num_layers"] == 3 and grid["embedding_dim"] == 32
+    assert len(grid["cells"]) == 2 * 3 * 2
+    one = next(c for c in grid["cells"] if c["cell"] == "L3-D16-B1")
+    assert one["bytes_per_vector"] == 2 and one["layers"] == 3
+    assert {"ndcg_at_10", "mrr_at_10", "recall_at_100"} <= set(one["scores"]["beir"])
+    table = (out / "table-B1.md").read_text()
+    assert "| L3 |" in table and "| layers \\ dims | 8 | 16 | 32 |" in table
+    assert (out / "table-B32.md").is_file()
+    for png in ("heatmap-beir.png", "pareto.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    assert "12 cells scored" in capsys.readouterr().out
+    main(["grid", "--config", str(config), "--bits", "1", "32", "--output", str(out)])
+    assert "0 cells scored, 12 reused" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--tasks", "SciFactt"], "did you mean SciFact"),
+        (["--tasks", "MockClassificationTask"], "only retrieval tasks"),
+        (["--tasks", "{beir}:dev"], "no split 'dev'; available splits: ['test', 'train']"),
+        (["--tasks", "{empty}:test"], "corpus.jsonl is empty"),
+        (["--cells", "L4-D32"], "the model has 3"),
+        (["--cells", "L2-D64"], "embeds in 32"),
+        (["--bits", "2"], "no binarization heads"),
+    ],
+)
+def test_bad_input_exits_2_with_one_message_and_keeps_results(tiny, tmp_path, capsys, flags, message):
+    checkpoint, beir = tiny
+    empty = make_beir_folder(tmp_path / "empty")
+    (empty / "corpus.jsonl").write_text("")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "grid.json").write_text("kept")
+    base = {"--tasks": [f"{beir}:test"], "--cells": ["L1-D8"], "--bits": ["32"]}
+    base[flags[0]] = [f.format(beir=beir, empty=empty) for f in flags[1:]]
+    argv = ["grid", "--model", str(checkpoint), "--output", str(out)] + [x for k, v in base.items() for x in (k, *v)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]  # other lines: loading bars
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in err
+    assert (out / "grid.json").read_text() == "kept"
+    assert not (out / "results").exists()
+
+
+def test_trained_heads_serve_multi_bit_cells_and_refuse_untrained_ones(tiny, tmp_path):
+    import shutil
+
+    from trainer.heads import BinaryHeads
+
+    checkpoint, beir = tiny
+    with_heads = tmp_path / "with-heads"
+    shutil.copytree(checkpoint, with_heads)
+    BinaryHeads(dims=[16, 32], bits=[1, 2], hidden=8).save_pretrained(with_heads)
+    grid = Grid.from_spec(cells=["L2-D16", "L3-D32"], bits=[1, 2])
+    results = run_grid(GridRequest(str(with_heads), [f"{beir}:test"], grid, tmp_path / "out"))
+    assert Cell(3, 32, 2).bytes_per_vector == 8
+    assert all(0 <= results.scores["beir"][c]["ndcg_at_10"] <= 1 for c in grid.all_cells())
+    for cells, bits, message in ((["L1-D8"], [1], "no binary head"), (["L1-D16"], [4], "serve depths")):
+        request = GridRequest(str(with_heads), [f"{beir}:test"], Grid.from_spec(cells=cells, bits=bits), tmp_path / "o")
+        with pytest.raises(CodeError, match=message):
+            run_grid(request)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_CRANFIELD.is_dir(), reason="../shared/data/cranfield is absent (real data not mounted)")
+def test_minilm_cranfield_grid_equals_plain_mteb(tmp_path):
+    name, spec = "sentence-transformers/all-MiniLM-L6-v2", f"{SHARED_CRANFIELD}:test"
+    grid = Grid.from_spec(cells=["L3-D128", "L6-D384"], bits=[1, 32])
+    results = run_grid(GridRequest(name, [spec], grid, tmp_path / "out"))
+    scores = results.scores["cranfield"]
+    assert scores[Cell(6, 384)]["ndcg_at_10"] == pytest.approx(0.372, abs=5e-4)  # README reference figure
+    assert scores[Cell(3, 128)]["ndcg_at_10"] == pytest.approx(
+        plain_ndcg(truncated_model(name, 3, 128), spec), abs=1e-4
+    )
