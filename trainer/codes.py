@@ -108,3 +108,35 @@ def inner_products(queries: PackedCodes, docs: PackedCodes, chunk: int = 256) ->
 def cosine_scores(queries: PackedCodes, docs: PackedCodes) -> np.ndarray:
     """Cosine of the float forms, computed on the packed codes."""
     return inner_products(queries, docs) / np.outer(queries.norms, docs.norms).clip(min=1e-12)
+
+
+def quantized_baseline_scores(
+    queries: np.ndarray, docs: np.ndarray, precision: str, calibration: np.ndarray | None = None
+) -> np.ndarray:
+    """(Q, D) scores of sentence-transformers' ``quantize_embeddings`` baselines, kept beside every comparison.
+
+    - ``ubinary``: one bit per dim (``x > 0``, packed); score ``dim - 2 * Hamming``, which equals the inner
+      product of the sign codes (``sign_codes``) exactly.
+    - ``int8``: each dim mapped to 256 levels between its min and max over ``calibration`` (default: the
+      documents), the same ranges for queries and documents; score the dot product of the de-quantised
+      vectors (each level's bin centre, ``min + (level + 0.5) * step``), as a scalar-quantised index scores them.
+    """
+    from sentence_transformers.util import quantize_embeddings
+
+    queries, docs = np.asarray(queries, dtype=np.float32), np.asarray(docs, dtype=np.float32)
+    if precision == "ubinary":
+        check_packable(queries.shape[1])
+        q, d = quantize_embeddings(queries, "ubinary"), quantize_embeddings(docs, "ubinary")
+        hamming = np.bitwise_count(np.bitwise_xor(q[:, None, :], d[None, :, :])).sum(axis=-1, dtype=np.int64)
+        return (queries.shape[1] - 2 * hamming).astype(np.float64)
+    if precision == "int8":
+        reference = docs if calibration is None else np.asarray(calibration, dtype=np.float32)
+        ranges = np.stack([reference.min(axis=0), reference.max(axis=0)])
+        step = (ranges[1] - ranges[0]) / 255
+
+        def dequantize(x: np.ndarray) -> np.ndarray:
+            levels = quantize_embeddings(x, "int8", ranges=ranges).astype(np.float64) + 128
+            return (levels + 0.5) * step + ranges[0]
+
+        return dequantize(queries) @ dequantize(docs).T
+    raise CodeError(f"precision: {precision!r} is not a baseline; use 'ubinary' or 'int8'")

@@ -1,0 +1,293 @@
+"""Recurrent binarization heads: STE, nesting, exact code scores, persistence, losses and refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainer.codes import CodeError, cosine_scores, inner_products
+from trainer.errors import RecipeError
+from trainer.grid import Cell, Grid
+from trainer.head_only import fit_heads, train_heads_only
+from trainer.heads import BinaryConfig, BinaryHeads, planes_from_floats, sign_ste
+from trainer.losses.binary import BinaryCodeLoss, EmbeddingToEmbeddingLoss
+from trainer.losses.elastic import CellBatch
+from trainer.losses.infonce import InfoNCELoss
+
+
+def unit(n: int, dim: int, seed: int = 0) -> torch.Tensor:
+    return F.normalize(torch.randn(n, dim, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def trained_like_heads(dims=(16, 32), bits=(1, 2, 4), **kwargs) -> BinaryHeads:
+    """Heads with non-trivial BatchNorm statistics (a few training-mode passes), in eval mode."""
+    torch.manual_seed(0)
+    heads = BinaryHeads(dims, bits, hidden=24, **kwargs)
+    with torch.no_grad():
+        for dim in heads.dims:
+            for layer in heads.layers or (1,):
+                heads.encode_float(unit(64, dim, seed=dim), Cell(layer, dim))
+    return heads.eval()
+
+
+def test_sign_ste_forward_and_gradient():
+    z = torch.tensor([-2.0, -1.0, -0.3, 0.0, 0.4, 1.0, 1.5], requires_grad=True)
+    out = sign_ste(z)
+    torch.testing.assert_close(out, torch.tensor([-1.0, -1.0, -1.0, -1.0, 1.0, 1.0, 1.0]))
+    upstream = torch.arange(1.0, 8.0)
+    (out * upstream).sum().backward()
+    torch.testing.assert_close(z.grad, torch.tensor([0.0, 2.0, 3.0, 4.0, 5.0, 6.0, 0.0]))
+
+
+def test_gradients_reach_every_block_through_the_residual_steps():
+    heads = BinaryHeads([16], [1, 3], hidden=24)
+    x = unit(32, 16).requires_grad_()
+    floats = heads.encode_float(x, Cell(2, 16))
+    assert len(floats) == 3
+    (floats[-1] * unit(32, 16, seed=1)).sum().backward()
+    head = heads.head_for(Cell(2, 16))
+    for block in [head.encoder, *head.decoders, *head.residuals]:
+        assert block[0].weight.grad is not None and block[0].weight.grad.abs().sum() > 0
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_float_forms_are_nested_codes():
+    heads = trained_like_heads()
+    cell = Cell(3, 32)
+    floats = heads.encode_float(unit(20, 32, seed=2), cell)
+    for k, form in enumerate(floats):
+        levels = 2 ** (k + 1)  # k + 1 planes take 2^(k+1) distinct values per coordinate
+        assert len(torch.unique(form)) <= levels
+        if k:
+            step = (form - floats[k - 1]) * 2**k
+            torch.testing.assert_close(step.abs(), torch.ones_like(step))
+
+
+def test_depth_k_code_is_a_prefix_of_depth_k_plus_1():
+    heads = trained_like_heads()
+    x = unit(20, 32, seed=3)
+    one, two, four = (heads.encode(x, Cell(6, 32, b)) for b in (1, 2, 4))
+    assert (one.bits, two.bits, four.bits) == (1, 2, 4)
+    np.testing.assert_array_equal(two.unpack()[:, :1], one.unpack())
+    np.testing.assert_array_equal(four.unpack()[:, :2], two.unpack())
+    np.testing.assert_array_equal(four.at_depth(2).packed, two.packed)
+
+
+def test_packed_codes_are_exactly_the_float_forms():
+    heads = trained_like_heads()
+    cell = Cell(6, 32, 4)
+    x = unit(20, 32, seed=4)
+    codes = heads.encode(x, cell)
+    floats = heads.encode_float(x, cell)[3].detach()
+    np.testing.assert_array_equal(codes.to_float(), floats.double().numpy())
+    np.testing.assert_array_equal(planes_from_floats(heads.encode_float(x, cell)).detach().numpy(), codes.unpack())
+
+
+def test_popcount_and_float_scores_of_learned_codes_agree():
+    heads = trained_like_heads()
+    cell = Cell(6, 32, 2)
+    queries, docs = heads.encode(unit(7, 32, seed=5), cell), heads.encode(unit(30, 32, seed=6), cell)
+    reconstructed = queries.to_float() @ docs.to_float().T
+    np.testing.assert_array_equal(inner_products(queries, docs), reconstructed)
+    cosine = cosine_scores(queries, docs)
+    expected = (
+        F.normalize(torch.from_numpy(queries.to_float()), dim=-1)
+        @ F.normalize(torch.from_numpy(docs.to_float()), dim=-1).T
+    )
+    np.testing.assert_allclose(cosine, expected.numpy(), rtol=1e-6)
+    # same ranking: the float path's scores, read in the popcount path's order, never increase (ties aside)
+    order = np.argsort(-cosine, axis=1)
+    assert np.all(np.diff(np.take_along_axis(expected.numpy(), order, axis=1), axis=1) <= 1e-12)
+
+
+def test_encode_uses_running_statistics_and_restores_the_mode():
+    heads = trained_like_heads()
+    heads.train()
+    x = unit(10, 16, seed=7)
+    alone = heads.encode(x[:1], Cell(1, 16, 1))
+    together = heads.encode(x, Cell(1, 16, 1))
+    np.testing.assert_array_equal(alone.packed, together.packed[:1])  # batch-independent: eval BatchNorm
+    assert heads.training
+
+
+def test_dim_sharing_shares_heads_across_layers_and_cell_sharing_does_not():
+    shared = trained_like_heads()
+    assert shared.head_for(Cell(2, 16)) is shared.head_for(Cell(6, 16))
+    assert shared.head_for(Cell(2, 16)) is not shared.head_for(Cell(2, 32))
+    per_cell = trained_like_heads(sharing="cell", layers=(2, 6))
+    assert per_cell.head_for(Cell(2, 16)) is not per_cell.head_for(Cell(6, 16))
+    with pytest.raises(CodeError, match="L4-D16 has no binary head"):
+        per_cell.head_for(Cell(4, 16))
+
+
+def test_invalid_requests_are_refused():
+    heads = trained_like_heads()
+    x = unit(4, 16)
+    with pytest.raises(CodeError, match=r"bits=3 was not trained: these heads serve depths \[1, 2, 4\]"):
+        heads.encode(x, Cell(1, 16, 3))
+    with pytest.raises(CodeError, match="not trained"):
+        heads.check_depth(0)
+    with pytest.raises(CodeError, match="L1-D64 has no binary head"):
+        heads.encode(unit(4, 64), Cell(1, 64, 1))
+    with pytest.raises(CodeError, match="needs embeddings of 16 dims"):
+        heads.encode_float(unit(4, 32), Cell(1, 16))
+    with pytest.raises(CodeError, match="multiple of 8"):
+        BinaryHeads([12], [1])
+    with pytest.raises(CodeError, match="not a valid depth"):
+        BinaryHeads([16], [0, 1])
+    with pytest.raises(CodeError, match="32 means float"):
+        BinaryHeads([16], [1, 32])
+
+
+def test_save_and_load_round_trip(tmp_path):
+    heads = trained_like_heads()
+    assert BinaryHeads.load(tmp_path) is None
+    folder = heads.save_pretrained(tmp_path)
+    assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+    loaded = BinaryHeads.load(tmp_path)
+    assert loaded is not None and loaded.bits == (1, 2, 4) and not loaded.training
+    x = unit(12, 32, seed=8)
+    for bits in loaded.bits:
+        np.testing.assert_array_equal(
+            loaded.encode(x, Cell(5, 32, bits)).packed, heads.encode(x, Cell(5, 32, bits)).packed
+        )
+    with pytest.raises(CodeError, match="differ from these heads"):
+        BinaryHeads([16], [1]).load_state(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"bits": [2, 1]}, "binary.bits: .* strictly increasing"),
+        ({"bits": []}, "binary.bits: .* non-empty"),
+        ({"bits": [1, 17]}, "binary.bits: 17 is not a valid depth"),
+        ({"sharing": "layer"}, "binary.sharing: 'layer' .* \\['dim', 'cell'\\]"),
+        ({"mode": "frozen"}, "binary.mode: 'frozen'"),
+        ({"hidden": 0}, "binary.hidden: 0"),
+        ({"batch_size": 1}, "binary.batch_size: 1"),
+        ({"scale": 0}, "binary.scale: 0"),
+        ({"kl_weight": -1}, "binary.kl_weight: -1"),
+    ],
+)
+def test_binary_config_errors_name_key_and_valid_values(overrides, message):
+    with pytest.raises(RecipeError, match=message):
+        BinaryConfig(**overrides)
+
+
+def test_binary_config_refuses_unpackable_grid_dims():
+    with pytest.raises(RecipeError, match="grid dim 20 cannot get binary codes"):
+        BinaryConfig().check_dims([16, 20])
+
+
+def make_batch(cells: list[Cell], n: int = 8, columns: int = 3) -> CellBatch:
+    width = max(cell.dim for cell in cells)
+    raw = [{6: unit(n, width, seed=10 + c).requires_grad_()} for c in range(columns)]
+    embeddings = {cell: [F.normalize(column[6][:, : cell.dim], dim=-1) for column in raw] for cell in cells}
+    return CellBatch(embeddings=embeddings, layer_embeddings=raw, full=max(cells), labels=None)
+
+
+def test_binary_code_loss_has_a_component_per_cell_and_depth_and_trains_encoder_and_heads():
+    heads = BinaryHeads([16, 32], [1, 2], hidden=24)
+    loss = BinaryCodeLoss(heads, [1, 2], InfoNCELoss(scale=20.0), weight=0.5, kl_weight=2.0)
+    batch = make_batch([Cell(6, 16), Cell(6, 32)])
+    components = loss(batch)
+    expected = {f"{kind}/L6-D{dim}-B{bits}" for kind in ("bin", "binkl") for dim in (16, 32) for bits in (1, 2)}
+    assert set(components) == expected
+    sum(components.values()).backward()
+    assert batch.layer_embeddings[0][6].grad.abs().sum() > 0
+    assert all(p.grad is not None for p in heads.parameters())
+    no_kl = BinaryCodeLoss(heads, [1, 2], InfoNCELoss(), kl_weight=0.0)(batch)
+    assert set(no_kl) == {name for name in expected if name.startswith("bin/")}
+
+
+def test_binary_code_loss_weights_match_a_direct_computation():
+    heads = BinaryHeads([16], [1], hidden=24).eval()
+    infonce = InfoNCELoss(scale=10.0)
+    batch = make_batch([Cell(6, 16)], columns=2)
+    components = BinaryCodeLoss(heads, [1], infonce, weight=0.5, kl_weight=2.0, kl_temperature=0.5)(batch)
+    columns = batch.embeddings[Cell(6, 16)]
+    codes = [F.normalize(heads.encode_float(c, Cell(6, 16))[0], dim=-1) for c in columns]
+    code_loss, code_scores = infonce(codes[0], codes[1:])
+    float_scores, _ = infonce.scores(columns[0], columns[1:])
+    kl = F.kl_div(F.log_softmax(code_scores / 0.5, -1), F.softmax(float_scores / 0.5, -1), reduction="batchmean")
+    torch.testing.assert_close(components["bin/L6-D16-B1"], 0.5 * code_loss)
+    torch.testing.assert_close(components["binkl/L6-D16-B1"], 2.0 * kl)
+
+
+def test_binary_code_loss_refuses_untrained_depths_and_saves_its_heads(tmp_path):
+    heads = BinaryHeads([16], [1, 2], hidden=24)
+    with pytest.raises(CodeError, match="bits=4 was not trained"):
+        BinaryCodeLoss(heads, [1, 4], InfoNCELoss())
+    loss = BinaryCodeLoss(heads, [1, 2], InfoNCELoss())
+    loss.save_pretrained(tmp_path)
+    with torch.no_grad():
+        next(heads.parameters()).add_(1.0)
+    before = next(heads.parameters()).clone()
+    loss.load_state(tmp_path)
+    torch.testing.assert_close(next(heads.parameters()), before - 1.0)
+
+
+def test_embedding_to_embedding_loss_components():
+    heads = BinaryHeads([16], [1, 2], hidden=24)
+    cell = Cell(6, 16)
+    items, anchors, positives = unit(8, 16, 1), unit(8, 16, 2), unit(8, 16, 3)
+    components = EmbeddingToEmbeddingLoss(heads, [1, 2])({cell: items}, {cell: (anchors, positives)})
+    assert set(components) == {f"{k}/L6-D16-B{b}" for k in ("e2e", "e2ekl", "e2epair") for b in (1, 2)}
+    assert all(torch.isfinite(v) and v >= 0 for v in components.values())
+
+
+def test_fit_heads_learns_codes_that_preserve_neighbours():
+    """Clustered data: after training, a code's nearest code lies in its own cluster far more often."""
+    generator = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(16, 32, generator=generator), dim=-1)
+    labels = torch.arange(512) % 16
+    x = F.normalize(centres[labels] + 0.15 * torch.randn(512, 32, generator=generator), dim=-1)
+    grid = Grid((Cell(2, 32),), (1,))
+    config = BinaryConfig(bits=[1], hidden=64, mode="head-only", steps=150, batch_size=128, lr=3e-3)
+
+    def neighbour_accuracy(heads: BinaryHeads) -> float:
+        codes = heads.encode(x, Cell(2, 32, 1))
+        scores = cosine_scores(codes, codes)
+        np.fill_diagonal(scores, -np.inf)
+        return float((labels[scores.argmax(1)] == labels).float().mean())
+
+    torch.manual_seed(config.seed)
+    untrained = BinaryHeads([32], [1], hidden=64, layers=(2,)).eval()
+    trained = fit_heads({2: x}, grid, config)
+    assert neighbour_accuracy(trained) > neighbour_accuracy(untrained) + 0.2
+
+
+def test_train_heads_only_caches_embeddings_and_saves_heads(tiny_model, tmp_path, monkeypatch):
+    import trainer.head_only as head_only
+
+    texts = [f"sentence number {i} about topic {i % 3}" for i in range(24)]
+    pairs = [(texts[0], texts[3]), (texts[1], "a new text only in pairs")]
+    grid = Grid.from_spec(cells=["L2-D16", "L4-D32"], bits=[1, 2])
+    config = BinaryConfig(bits=[1, 2], hidden=16, mode="head-only", steps=3, batch_size=8)
+    heads = train_heads_only(tiny_model, texts, pairs, grid, config, tmp_path)
+    assert heads.bits == (1, 2) and heads.dims == (16, 32)
+    loaded = BinaryHeads.load(tmp_path)
+    x = unit(5, 32)
+    np.testing.assert_array_equal(loaded.encode(x, Cell(4, 32, 2)).packed, heads.encode(x, Cell(4, 32, 2)).packed)
+    assert len(list((tmp_path / "binary_heads_cache").glob("layers-*.pt"))) == 1
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the cached embeddings should have been reused")
+
+    config.cache_dir = str(tmp_path / "binary_heads_cache")
+    monkeypatch.setattr(head_only, "encode_layers", fail)
+    train_heads_only(tiny_model, texts, pairs, grid, config, tmp_path / "again")
+    assert BinaryHeads.load(tmp_path / "again") is not None
+
+
+def test_train_heads_only_refusals(tiny_model, tmp_path):
+    grid = Grid.from_spec(cells=["L4-D32"], bits=[1, 2])
+    with pytest.raises(RecipeError, match="binary.mode"):
+        train_heads_only(tiny_model, ["a", "b"], None, grid, BinaryConfig(bits=[1, 2]), tmp_path)
+    with pytest.raises(RecipeError, match="differ from the grid's code bits"):
+        train_heads_only(tiny_model, ["a", "b"], None, grid, BinaryConfig(bits=[1], mode="head-only"), tmp_path)
+    wide = Grid.from_spec(cells=["L4-D64"], bits=[1])
+    with pytest.raises(RecipeError, match="64 dims"):
+        train_heads_only(tiny_model, ["a", "b"], None, wide, BinaryConfig(bits=[1], mode="head-only"), tmp_path)

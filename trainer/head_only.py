@@ -1,0 +1,148 @@
+"""Head-only training: learn binary heads on a frozen encoder's cached float embeddings.
+
+BEBR's task-agnostic "embedding-to-embedding" training (Gan et al., KDD 2023): the encoder is never
+updated, so every layer embedding of every raw text is computed once (one pass per text, all layers, see
+``trainer.layers.encode_layers``), cached on disk, and only the heads learn from it
+(``trainer.losses.binary.EmbeddingToEmbeddingLoss``). Works on any sentence-transformers model, including
+ones this project did not train, e.g. ``sentence-transformers/all-MiniLM-L6-v2`` as is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from pathlib import Path
+
+import torch
+from sentence_transformers import SentenceTransformer
+from torch import Tensor
+
+from trainer.errors import RecipeError
+from trainer.grid import Cell, Grid
+from trainer.heads import BinaryConfig, BinaryHeads
+from trainer.layers import cell_embedding, embedding_dim, encode_layers, num_layers, transformer_config
+from trainer.losses.binary import EmbeddingToEmbeddingLoss
+
+logger = logging.getLogger(__name__)
+
+CACHE_FOLDER = "binary_heads_cache"
+
+
+def cache_key(model: SentenceTransformer, texts: list[str], layers: tuple[int, ...]) -> str:
+    """Identifies (model, texts, layers, max length): a changed input never reuses a stale cache."""
+    digest = hashlib.sha256()
+    header = [transformer_config(model).name_or_path, model.max_seq_length, list(layers), len(texts)]
+    digest.update(json.dumps(header).encode())
+    for text in texts:
+        digest.update(text.encode("utf-8") + b"\0")
+    return digest.hexdigest()[:24]
+
+
+def cached_layer_embeddings(
+    model: SentenceTransformer, texts: list[str], layers: tuple[int, ...], cache_dir: Path, batch_size: int = 64
+) -> dict[int, Tensor]:
+    """Float32 embeddings of every layer for ``texts``, read from ``cache_dir`` or computed once and written."""
+    path = Path(cache_dir) / f"layers-{cache_key(model, texts, layers)}.pt"
+    if path.is_file():
+        logger.info("binary heads: float embeddings read from %s", path)
+        return torch.load(path, weights_only=True)
+    embeddings = encode_layers(model, texts, layers, batch_size=batch_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(embeddings, path)
+    logger.info("binary heads: float embeddings of %d texts cached in %s", len(texts), path)
+    return embeddings
+
+
+def _check(model: SentenceTransformer, grid: Grid, config: BinaryConfig) -> None:
+    if config.mode != "head-only":
+        raise RecipeError(f"binary.mode: {config.mode!r}; head-only training needs binary.mode: head-only")
+    if grid.code_bits and tuple(grid.code_bits) != tuple(config.bits):
+        raise RecipeError(
+            f"binary.bits: {config.bits} differ from the grid's code bits {list(grid.code_bits)}; make them equal"
+        )
+    config.check_dims(grid.dims)
+    try:
+        grid.check_fits(num_layers(model), embedding_dim(model))
+    except ValueError as error:
+        raise RecipeError(str(error)) from error
+
+
+def train_heads_only(
+    model: SentenceTransformer,
+    texts: list[str],
+    pairs: list[tuple[str, str]] | None,
+    grid: Grid,
+    config: BinaryConfig,
+    output_dir: str | Path,
+) -> BinaryHeads:
+    """Train binary heads for every cell of ``grid`` on the frozen ``model``; save them under ``output_dir``.
+
+    ``texts``: raw texts (e.g. a corpus); ``pairs``: optional (query, positive) texts, whose members are also
+    items. Each step samples ``batch_size`` items (and as many pairs) and applies the embedding-to-embedding
+    loss at every cell and depth; returns the trained heads in eval mode.
+    """
+    _check(model, grid, config)
+    pairs = list(pairs or [])
+    unique = list(dict.fromkeys([*texts, *(text for pair in pairs for text in pair)]))
+    generator = random.Random(config.seed)
+    if config.max_texts is not None and len(unique) > config.max_texts:
+        unique = generator.sample(unique, config.max_texts)
+    if len(unique) < 2:
+        raise RecipeError(f"binary head-only training needs at least 2 distinct texts, got {len(unique)}")
+    index = {text: i for i, text in enumerate(unique)}
+    pair_index = torch.tensor([(index[a], index[p]) for a, p in pairs if a in index and p in index], dtype=torch.long)
+
+    cache_dir = Path(config.cache_dir) if config.cache_dir else Path(output_dir) / CACHE_FOLDER
+    layers = cached_layer_embeddings(model, unique, grid.layers, cache_dir)
+    heads = fit_heads(layers, grid, config, pair_index)
+    heads.save_pretrained(output_dir)
+    return heads
+
+
+def fit_heads(
+    layer_embeddings: dict[int, Tensor], grid: Grid, config: BinaryConfig, pairs: Tensor | None = None
+) -> BinaryHeads:
+    """Train new heads on cached float embeddings; returns them in eval mode.
+
+    ``layer_embeddings[layer]``: (N, width) pooled embeddings of N items for every layer of ``grid``;
+    ``pairs``: optional (P, 2) row indices of (anchor, positive) items. Each step samples ``batch_size``
+    items (and as many pairs) and applies the embedding-to-embedding loss at every cell and depth, with
+    AdamW and a cosine learning-rate decay over ``steps``.
+    """
+    count = len(next(iter(layer_embeddings.values())))
+    pairs = pairs if pairs is not None else torch.empty(0, 2, dtype=torch.long)
+    torch.manual_seed(config.seed)
+    heads = BinaryHeads(grid.dims, config.bits, config.hidden, config.sharing, grid.layers)
+    loss_fn = EmbeddingToEmbeddingLoss(heads, config.bits, config.scale, config.kl_weight, config.kl_temperature)
+    optimizer = torch.optim.AdamW(heads.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps)
+    batch_size = min(config.batch_size, count)
+    heads.train()
+    for step in range(config.steps):
+        items = torch.randperm(count)[:batch_size]
+        losses = loss_fn(_cells(layer_embeddings, items, grid), _pair_cells(layer_embeddings, pairs, batch_size, grid))
+        total = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 100 == 0 or step == config.steps - 1:
+            logger.info("binary heads step %d/%d: loss %.4f", step + 1, config.steps, total.item())
+    return heads.eval()
+
+
+def _cells(layers: dict[int, Tensor], rows: Tensor, grid: Grid) -> dict[Cell, Tensor]:
+    selected = {layer: embeddings[rows] for layer, embeddings in layers.items()}
+    return {cell: cell_embedding(selected, cell) for cell in grid.cells}
+
+
+def _pair_cells(
+    layers: dict[int, Tensor], pair_index: Tensor, batch_size: int, grid: Grid
+) -> dict[Cell, tuple[Tensor, Tensor]] | None:
+    if len(pair_index) < 2:
+        return None
+    chosen = pair_index[torch.randperm(len(pair_index))[:batch_size]]
+    anchors, positives = _cells(layers, chosen[:, 0], grid), _cells(layers, chosen[:, 1], grid)
+    return {cell: (anchors[cell], positives[cell]) for cell in grid.cells}

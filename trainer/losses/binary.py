@@ -1,0 +1,151 @@
+"""Losses of the recurrent binarization heads: joint (with the encoder) and head-only, at every (cell, depth)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from trainer.grid import Cell
+from trainer.heads import BinaryHeads, check_bits
+from trainer.losses.infonce import InfoNCELoss
+
+if TYPE_CHECKING:
+    from trainer.losses.elastic import CellBatch
+
+
+class BinaryCodeLoss(nn.Module):
+    """InfoNCE on the codes of every float cell at every depth, plus KL to the float cell's scores.
+
+    For a cell c and a depth k, let ``q = normalize(e_k(anchor))`` and ``d = normalize(e_k(candidates))``
+    be the float forms of the codes (``trainer.heads``; their cosine is what packed codes score), ``S_ck``
+    the InfoNCE scores of ``q`` against ``d`` (``trainer.losses.infonce``), ``S_c`` those of the float cell:
+
+        L = sum_c sum_k  weight * InfoNCE(S_ck) + kl_weight * KL(softmax(S_c / T) || softmax(S_ck / T))
+
+    with ``S_c`` detached. Gradients reach both the heads and the encoder. BEBR (Gan et al., KDD 2023)
+    trains only its deepest code; training every configured depth is this project's extension, so that
+    the shallow prefixes served at 1 or 2 bits are themselves optimised rather than by-products.
+    Components are logged as ``bin/L4-D128-B2`` and ``binkl/L4-D128-B2``.
+
+    Distributed training: the heads are parameters of this loss, not of the DDP-wrapped model, so the
+    caller all-reduces their gradients; BatchNorm running statistics stay per rank.
+    """
+
+    def __init__(
+        self,
+        heads: BinaryHeads,
+        bits: Sequence[int],
+        contrastive: InfoNCELoss,
+        weight: float = 1.0,
+        kl_weight: float = 1.0,
+        kl_temperature: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.bits = tuple(check_bits(bits))
+        for depth in self.bits:
+            heads.check_depth(depth)
+        self.heads = heads
+        self.contrastive = contrastive
+        self.weight = weight
+        self.kl_weight = kl_weight
+        self.kl_temperature = kl_temperature
+
+    def kl_to_float(self, float_scores: Tensor, code_scores: Tensor) -> Tensor:
+        target = F.softmax(float_scores.detach() / self.kl_temperature, dim=-1)
+        return F.kl_div(F.log_softmax(code_scores / self.kl_temperature, dim=-1), target, reduction="batchmean")
+
+    def forward(self, batch: CellBatch) -> dict[str, Tensor]:
+        losses: dict[str, Tensor] = {}
+        if len(batch.layer_embeddings) < 2:  # a label-free batch of one text column: nothing to contrast
+            return losses
+        for cell, columns in batch.embeddings.items():
+            floats = [self.heads.encode_float(column, cell) for column in columns]
+            float_scores = self.contrastive.scores(columns[0], columns[1:])[0] if self.kl_weight else None
+            for depth in self.bits:
+                codes = [F.normalize(forms[depth - 1], dim=-1) for forms in floats]
+                loss, scores = self.contrastive(codes[0], codes[1:])
+                name = str(cell.with_bits(depth))
+                losses[f"bin/{name}"] = self.weight * loss
+                if float_scores is not None:
+                    losses[f"binkl/{name}"] = self.kl_weight * self.kl_to_float(float_scores, scores)
+        return losses
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Save the heads to ``<directory>/binary_heads`` (see ``BinaryHeads.save_pretrained``)."""
+        return self.heads.save_pretrained(directory)
+
+    def load_state(self, directory: str | Path) -> None:
+        """Restore the heads from a checkpoint written by ``save_pretrained``."""
+        self.heads.load_state(directory)
+
+
+class EmbeddingToEmbeddingLoss(nn.Module):
+    """Head-only training with a frozen encoder: codes must retrieve float embeddings (BEBR's task-agnostic
+    "embedding-to-embedding" training, Gan et al., KDD 2023), at every configured depth.
+
+    For a cell c, depth k, the batch's unit float embeddings ``x_1..x_N`` and the normalised float forms of
+    their codes ``z_i = normalize(e_k(x_i))``:
+
+        L_self = CE(scale * z_i . x_j, target j = i)                          (each code finds its own item)
+        L_pair = (CE(scale * z_{a_i} . x_{p_j}, i) + CE(scale * z_{p_i} . x_{a_j}, i)) / 2    (given pairs)
+        L_kl   = KL(softmax(scale * x_i . x_j / T) || softmax(scale * z_i . z_j / T)), j != i
+
+    L_kl makes code-to-code scores (what packed codes are ranked by) follow the float scores; weighted by
+    ``kl_weight``. Components are logged as ``e2e/<cell>``, ``e2epair/<cell>``, ``e2ekl/<cell>``.
+    """
+
+    def __init__(
+        self,
+        heads: BinaryHeads,
+        bits: Sequence[int],
+        scale: float = 20.0,
+        kl_weight: float = 1.0,
+        kl_temperature: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.bits = tuple(check_bits(bits))
+        for depth in self.bits:
+            heads.check_depth(depth)
+        self.heads = heads
+        self.scale = scale
+        self.kl_weight = kl_weight
+        self.kl_temperature = kl_temperature
+
+    def _codes(self, x: Tensor, cell: Cell) -> list[Tensor]:
+        forms = self.heads.encode_float(x, cell)
+        return [F.normalize(forms[depth - 1], dim=-1) for depth in self.bits]
+
+    def _retrieval(self, codes: Tensor, floats: Tensor) -> Tensor:
+        labels = torch.arange(codes.shape[0], device=codes.device)
+        return F.cross_entropy(self.scale * codes @ floats.T, labels)
+
+    def _kl(self, floats: Tensor, codes: Tensor) -> Tensor:
+        off_diagonal = ~torch.eye(floats.shape[0], dtype=torch.bool, device=floats.device)
+        n = floats.shape[0]
+        target = (self.scale * floats @ floats.T)[off_diagonal].view(n, n - 1)
+        scores = (self.scale * codes @ codes.T)[off_diagonal].view(n, n - 1)
+        target = F.softmax(target.detach() / self.kl_temperature, dim=-1)
+        return F.kl_div(F.log_softmax(scores / self.kl_temperature, dim=-1), target, reduction="batchmean")
+
+    def forward(
+        self, items: dict[Cell, Tensor], pairs: dict[Cell, tuple[Tensor, Tensor]] | None = None
+    ) -> dict[str, Tensor]:
+        """``items[cell]``: unit (N, cell.dim) float embeddings; ``pairs[cell]``: (anchors, positives)."""
+        losses: dict[str, Tensor] = {}
+        for cell, floats in items.items():
+            for depth, codes in zip(self.bits, self._codes(floats, cell), strict=True):
+                name = str(cell.with_bits(depth))
+                losses[f"e2e/{name}"] = self._retrieval(codes, floats)
+                if self.kl_weight:
+                    losses[f"e2ekl/{name}"] = self.kl_weight * self._kl(floats, codes)
+        for cell, (anchors, positives) in (pairs or {}).items():
+            anchor_codes, positive_codes = self._codes(anchors, cell), self._codes(positives, cell)
+            for depth, a, p in zip(self.bits, anchor_codes, positive_codes, strict=True):
+                pair_loss = (self._retrieval(a, positives) + self._retrieval(p, anchors)) / 2
+                losses[f"e2epair/{cell.with_bits(depth)}"] = pair_loss
+        return losses
