@@ -281,9 +281,14 @@ def parse_recipe(raw: dict[str, Any], path: str = "") -> Recipe:
         distill = build_section(DistillConfig, raw["distill"], "distill")
     if loss.contrastive_weight == 0 and distill is None and binary is None:
         raise RecipeError("loss.contrastive_weight: 0 leaves nothing to train; add a distill or binary section")
+    label_free = [s.label for s in data.train if s.texts]
+    if label_free and distill is None and (binary is None or binary.mode != "head-only"):
+        raise RecipeError(f"data.train: {label_free} are label-free texts; they need a distill section to train on")
     recipe = Recipe(model, data, loss, training, binary, distill, path)
     num_layers, embedding_dim = model_shape(model)
-    loss.grid(num_layers, embedding_dim)
+    grid = loss.grid(num_layers, embedding_dim)
+    if binary is not None:
+        binary.check_dims([*grid.dims, embedding_dim])
     return recipe
 
 

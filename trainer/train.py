@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from datasets import DatasetDict
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from torch import nn
 from transformers import TrainerCallback
@@ -17,8 +18,11 @@ from transformers.trainer_utils import get_last_checkpoint
 from trainer.data import load_sources
 from trainer.errors import RecipeError
 from trainer.grid import Cell, Grid
+from trainer.heads import BinaryHeads
 from trainer.layers import embedding_dim, num_layers
 from trainer.losses import CellSelection, ElasticLoss, InfoNCELoss, Matryoshka2dLoss
+from trainer.losses.binary import BinaryCodeLoss
+from trainer.manifest import write_manifest
 from trainer.recipe import Recipe, load_recipe
 
 logger = logging.getLogger(__name__)
@@ -71,9 +75,18 @@ def build_loss(recipe: Recipe, model: SentenceTransformer, grid: Grid) -> Elasti
         }
         terms["matryoshka"] = Matryoshka2dLoss(contrastive, weights, config.kl_weight, config.kl_temperature)
     if recipe.binary is not None:
-        from trainer.heads import build_binary_term
-
-        terms["binary"] = build_binary_term(recipe.binary, grid, contrastive)
+        binary = recipe.binary
+        heads = BinaryHeads(
+            dims={*grid.dims, full.dim},
+            bits=binary.bits,
+            hidden=binary.hidden,
+            sharing=binary.sharing,
+            layers={*grid.layers, full.layers},
+        )
+        code_contrastive = InfoNCELoss(binary.scale, config.symmetric, config.gather_across_devices)
+        terms["binary"] = BinaryCodeLoss(
+            heads, binary.bits, code_contrastive, binary.weight, binary.kl_weight, binary.kl_temperature
+        )
     if recipe.distill is not None:
         from trainer.distill import build_distill_term
 
@@ -129,13 +142,10 @@ def train(recipe: Recipe) -> SentenceTransformerTrainer:
     prepare_output_dir(recipe, resume)
     train_data = load_sources(recipe.data.train, "data.train")
     eval_data = load_sources(recipe.data.eval, "data.eval") if recipe.data.eval else None
-    if recipe.binary is not None and recipe.binary.mode == "head-only":
-        from trainer.head_only import train_heads_from_recipe
-
-        train_heads_from_recipe(recipe, train_data)
-        return None
     model = load_model(recipe)
     grid = recipe.loss.grid(num_layers(model), embedding_dim(model))
+    if recipe.binary is not None and recipe.binary.mode == "head-only":
+        return train_heads_from_recipe(recipe, model, grid, train_data)
     if recipe.distill is not None:
         from trainer.distill import label_datasets
 
@@ -154,10 +164,26 @@ def train(recipe: Recipe) -> SentenceTransformerTrainer:
     trainer.save_model(str(recipe.output_dir))
     if trainer.is_world_process_zero():
         callback.save(recipe.output_dir)
-        from trainer.manifest import write_manifest
-
         write_manifest(recipe, grid, model)
     return trainer
+
+
+def train_heads_from_recipe(recipe: Recipe, model: SentenceTransformer, grid: Grid, data) -> None:
+    """Head-only mode: the encoder stays frozen; its texts train the binarization heads (trainer.head_only).
+    The output folder is a full checkpoint: the unchanged model, its heads and the manifest."""
+    from trainer.head_only import train_heads_only
+
+    datasets = data.values() if isinstance(data, DatasetDict) else [data]
+    texts, pairs = [], []
+    for dataset in datasets:
+        columns = [c for c in dataset.column_names if c != "label"]
+        texts += [text for column in columns for text in dataset[column]]
+        if columns[:2] == ["anchor", "positive"]:
+            pairs += list(zip(dataset["anchor"], dataset["positive"], strict=True))
+    recipe.output_dir.mkdir(parents=True, exist_ok=True)
+    model.save(str(recipe.output_dir))
+    train_heads_only(model, texts, pairs, grid, recipe.binary, recipe.output_dir)
+    write_manifest(recipe, grid, model)
 
 
 def train_from_recipe(path: str, overrides: list[str] | None = None) -> SentenceTransformerTrainer:

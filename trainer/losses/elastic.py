@@ -59,4 +59,9 @@ class ElasticLoss(nn.Module):
         losses: dict[str, Tensor] = {}
         for term in self.terms.values():
             losses.update(term(batch))
+        if not losses:
+            raise ValueError(
+                f"no loss term applies to a batch of {len(sentence_features)} column(s); label-free text needs a "
+                "distill section"
+            )
         return losses

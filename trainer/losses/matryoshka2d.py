@@ -59,7 +59,8 @@ class Matryoshka2dLoss(nn.Module):
         P_c = softmax(S_c / T) row-wise,   P_full = softmax(S_full / T) with S_full detached
 
     over the same candidates (Zhuang et al. 2024, Starbucks; Li et al. 2024, 2DMSE, which aligns the
-    sampled layer to the last one the same way). ``w_c`` is ``weights.get(c, 1.0)``.
+    sampled layer to the last one the same way). ``w_c`` is ``weights.get(c, 1.0)``. A batch with a
+    single text column (label-free data) has no candidates and gets no term from this loss.
     """
 
     def __init__(
@@ -80,9 +81,9 @@ class Matryoshka2dLoss(nn.Module):
         return F.kl_div(F.log_softmax(cell_scores / self.kl_temperature, dim=-1), target, reduction="batchmean")
 
     def forward(self, batch: CellBatch) -> dict[str, Tensor]:
-        if len(batch.layer_embeddings) < 2:
-            raise ValueError("the 2D Matryoshka contrastive loss needs (anchor, positive[, negatives]) columns")
         losses, scores = {}, {}
+        if len(batch.layer_embeddings) < 2:  # a label-free batch of one text column: nothing to contrast
+            return losses
         for cell, columns in batch.embeddings.items():
             loss, scores[cell] = self.contrastive(columns[0], columns[1:])
             losses[f"loss/{cell.name2d}"] = self.weights.get(cell, 1.0) * loss
