@@ -181,17 +181,18 @@ def test_binary_config_refuses_unpackable_grid_dims():
         BinaryConfig().check_dims([16, 20])
 
 
-def make_batch(cells: list[Cell], n: int = 8, columns: int = 3) -> CellBatch:
+def make_batch(cells: list[Cell], heads: BinaryHeads, n: int = 8, columns: int = 3) -> CellBatch:
     width = max(cell.dim for cell in cells)
     raw = [{6: unit(n, width, seed=10 + c).requires_grad_()} for c in range(columns)]
     embeddings = {cell: [F.normalize(column[6][:, : cell.dim], dim=-1) for column in raw] for cell in cells}
-    return CellBatch(embeddings=embeddings, layer_embeddings=raw, full=max(cells), labels=None)
+    codes = heads.code_forms(embeddings, heads.bits)
+    return CellBatch(embeddings=embeddings, layer_embeddings=raw, full=max(cells), labels=None, codes=codes)
 
 
 def test_binary_code_loss_has_a_component_per_cell_and_depth_and_trains_encoder_and_heads():
     heads = BinaryHeads([16, 32], [1, 2], hidden=24)
     loss = BinaryCodeLoss(heads, [1, 2], InfoNCELoss(scale=20.0), weight=0.5, kl_weight=2.0)
-    batch = make_batch([Cell(6, 16), Cell(6, 32)])
+    batch = make_batch([Cell(6, 16), Cell(6, 32)], heads)
     components = loss(batch)
     expected = {f"{kind}/L6-D{dim}-B{bits}" for kind in ("bin", "binkl") for dim in (16, 32) for bits in (1, 2)}
     assert set(components) == expected
@@ -205,7 +206,7 @@ def test_binary_code_loss_has_a_component_per_cell_and_depth_and_trains_encoder_
 def test_binary_code_loss_weights_match_a_direct_computation():
     heads = BinaryHeads([16], [1], hidden=24).eval()
     infonce = InfoNCELoss(scale=10.0)
-    batch = make_batch([Cell(6, 16)], columns=2)
+    batch = make_batch([Cell(6, 16)], heads, columns=2)
     components = BinaryCodeLoss(heads, [1], infonce, weight=0.5, kl_weight=2.0, kl_temperature=0.5)(batch)
     columns = batch.embeddings[Cell(6, 16)]
     codes = [F.normalize(heads.encode_float(c, Cell(6, 16))[0], dim=-1) for c in columns]

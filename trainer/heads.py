@@ -249,6 +249,16 @@ class BinaryHeads(nn.Module):
 
     forward = encode_float
 
+    def code_forms(self, embeddings: dict[Cell, list[Tensor]], bits: Sequence[int]) -> dict[Cell, list[Tensor]]:
+        """Unit float forms of every float cell's codes at each depth in ``bits``, per input column:
+        ``{cell.with_bits(k): [normalize(e_{k-1}(column)) ...]}``; differentiable, for the training losses."""
+        codes: dict[Cell, list[Tensor]] = {}
+        for cell, columns in embeddings.items():
+            forms = [self.encode_float(column, cell) for column in columns]
+            for depth in bits:
+                codes[cell.with_bits(depth)] = [F.normalize(f[depth - 1], dim=-1) for f in forms]
+        return codes
+
     def check_depth(self, bits: int) -> None:
         if bits <= 0 or bits not in self._bits:
             raise CodeError(f"bits={bits} was not trained: these heads serve depths {list(self._bits)}")

@@ -9,19 +9,20 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from datasets import DatasetDict
+from datasets import Dataset, DatasetDict
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from trainer.data import load_sources
+from trainer.data import load_sources, text_columns
 from trainer.errors import RecipeError
 from trainer.grid import Cell, Grid
 from trainer.heads import BinaryHeads
 from trainer.layers import embedding_dim, num_layers
 from trainer.losses import CellSelection, ElasticLoss, InfoNCELoss, Matryoshka2dLoss
 from trainer.losses.binary import BinaryCodeLoss
+from trainer.losses.distill import DistillationLoss
 from trainer.manifest import write_manifest
 from trainer.recipe import Recipe, load_recipe
 
@@ -62,13 +63,14 @@ def prepare_output_dir(recipe: Recipe, resume: str | None) -> None:
     shutil.rmtree(out)
 
 
-def build_loss(recipe: Recipe, model: SentenceTransformer, grid: Grid) -> ElasticLoss:
+def build_loss(recipe: Recipe, model: SentenceTransformer, grid: Grid, teacher_dim: int | None = None) -> ElasticLoss:
     """The recipe's terms (2D Matryoshka contrastive, binary codes, distillation) around one forward pass."""
     config = recipe.loss
     full = Cell(num_layers(model), embedding_dim(model))
     selection = CellSelection(grid, full, config.type, config.n_layers_per_step, config.n_dims_per_step, config.seed)
     contrastive = InfoNCELoss(config.scale, config.symmetric, config.gather_across_devices)
     terms: dict[str, nn.Module] = {}
+    heads = None
     if config.contrastive_weight > 0:
         weights = {cell: config.contrastive_weight for cell in selection.cells_for_step()} | {
             Cell.parse(name): config.contrastive_weight * weight for name, weight in config.cell_weights.items()
@@ -88,10 +90,18 @@ def build_loss(recipe: Recipe, model: SentenceTransformer, grid: Grid) -> Elasti
             heads, binary.bits, code_contrastive, binary.weight, binary.kl_weight, binary.kl_temperature
         )
     if recipe.distill is not None:
-        from trainer.distill import build_distill_term
-
-        terms["distill"] = build_distill_term(recipe.distill, recipe.model.name, embedding_dim(model))
-    return ElasticLoss(model, selection, terms)
+        distill, student_dim = recipe.distill, embedding_dim(model)
+        terms["distill"] = DistillationLoss(
+            student_dim,
+            teacher_dim,
+            distill.cosine_weight,
+            distill.similarity_weight,
+            distill.relative_weight,
+            distill.margin,
+            distill.relative_max_pairs,
+        )
+    bits = tuple(recipe.binary.bits) if heads is not None else ()
+    return ElasticLoss(model, selection, terms, heads, bits)
 
 
 class LossStateCallback(TrainerCallback):
@@ -146,14 +156,16 @@ def train(recipe: Recipe) -> SentenceTransformerTrainer:
     grid = recipe.loss.grid(num_layers(model), embedding_dim(model))
     if recipe.binary is not None and recipe.binary.mode == "head-only":
         return train_heads_from_recipe(recipe, model, grid, train_data)
-    if recipe.distill is not None:
-        from trainer.distill import label_datasets
-
-        train_data = label_datasets(train_data, recipe.distill, recipe.model.name)
-        eval_data = label_datasets(eval_data, recipe.distill, recipe.model.name) if eval_data else None
-    loss = build_loss(recipe, model, grid)
     training = {k: v for k, v in recipe.training.items() if k not in ("overwrite_output_dir", "resume_from_checkpoint")}
     args = SentenceTransformerTrainingArguments(**training)
+    teacher_width = None
+    if recipe.distill is not None:
+        with args.main_process_first(desc="teacher embeddings"):
+            train_data = label_with_teacher(train_data, recipe)
+            eval_data = label_with_teacher(eval_data, recipe) if eval_data else None
+        first = next(iter(train_data.values())) if isinstance(train_data, DatasetDict) else train_data
+        teacher_width = len(first[0]["label"][0])
+    loss = build_loss(recipe, model, grid, teacher_width)
     callback = LossStateCallback(loss)
     trainer = SentenceTransformerTrainer(
         model=model, args=args, train_dataset=train_data, eval_dataset=eval_data, loss=loss, callbacks=[callback]
@@ -168,6 +180,17 @@ def train(recipe: Recipe) -> SentenceTransformerTrainer:
     return trainer
 
 
+def label_with_teacher(data: Dataset | DatasetDict, recipe: Recipe) -> Dataset | DatasetDict:
+    """Add the cached teacher embeddings of every text column as the ``label`` column (no teacher forward
+    pass during training); the cache is built once, by the main process first."""
+    from trainer.distill import add_teacher_labels
+
+    def label(dataset: Dataset) -> Dataset:
+        return add_teacher_labels(dataset, recipe.distill, text_columns(dataset), recipe.model.name)
+
+    return DatasetDict({name: label(d) for name, d in data.items()}) if isinstance(data, DatasetDict) else label(data)
+
+
 def train_heads_from_recipe(recipe: Recipe, model: SentenceTransformer, grid: Grid, data) -> None:
     """Head-only mode: the encoder stays frozen; its texts train the binarization heads (trainer.head_only).
     The output folder is a full checkpoint: the unchanged model, its heads and the manifest."""
@@ -176,7 +199,7 @@ def train_heads_from_recipe(recipe: Recipe, model: SentenceTransformer, grid: Gr
     datasets = data.values() if isinstance(data, DatasetDict) else [data]
     texts, pairs = [], []
     for dataset in datasets:
-        columns = [c for c in dataset.column_names if c != "label"]
+        columns = text_columns(dataset)
         texts += [text for column in columns for text in dataset[column]]
         if columns[:2] == ["anchor", "positive"]:
             pairs += list(zip(dataset["anchor"], dataset["positive"], strict=True))

@@ -64,10 +64,9 @@ class BinaryCodeLoss(nn.Module):
         if len(batch.layer_embeddings) < 2:  # a label-free batch of one text column: nothing to contrast
             return losses
         for cell, columns in batch.embeddings.items():
-            floats = [self.heads.encode_float(column, cell) for column in columns]
             float_scores = self.contrastive.scores(columns[0], columns[1:])[0] if self.kl_weight else None
             for depth in self.bits:
-                codes = [F.normalize(forms[depth - 1], dim=-1) for forms in floats]
+                codes = batch.codes[cell.with_bits(depth)]
                 loss, scores = self.contrastive(codes[0], codes[1:])
                 name = str(cell.with_bits(depth))
                 losses[f"bin/{name}"] = self.weight * loss

@@ -66,8 +66,10 @@ class DistillationLoss(nn.Module):
     (or (N, teacher_dim) for one column); the texts of all columns form one in-batch similarity matrix.
     The full cell's student vectors go through a learned ``nn.Linear(student_dim, teacher_dim)`` before the
     cosine loss when the widths differ (identity otherwise); save it with ``save_pretrained`` on every
-    checkpoint and restore it with ``load_state``. Components are weighted and named ``cos/<cell>``,
-    ``sim/<cell>`` and ``rel/<cell>``. Defaults are the paper's 10 / 200 / 20 and margin 0.015.
+    checkpoint and restore it with ``load_state``. With binarization heads the similarity and relative
+    losses also apply to every code in ``batch.codes`` (``sim/L4-D128-B1``), against the same full-size
+    teacher similarities. Components are weighted and named ``cos/<cell>``, ``sim/<cell>`` and
+    ``rel/<cell>``. Defaults are the paper's 10 / 200 / 20 and margin 0.015.
     """
 
     def __init__(
@@ -113,13 +115,15 @@ class DistillationLoss(nn.Module):
             student = torch.cat(full_columns)
             projected = self.projection(student) if self.projection is not None else student
             losses[f"cos/{batch.full.name2d}"] = self.cosine_weight * cosine_loss(projected, teacher)
-        for cell, columns in batch.embeddings.items():
+        cells = [(cell.name2d, columns) for cell, columns in batch.embeddings.items()]
+        cells += [(str(cell), columns) for cell, columns in batch.codes.items()]
+        for name, columns in cells:
             student = torch.cat(columns)
             if self.similarity_weight:
-                losses[f"sim/{cell.name2d}"] = self.similarity_weight * similarity_loss(student, teacher)
+                losses[f"sim/{name}"] = self.similarity_weight * similarity_loss(student, teacher)
             if self.relative_weight:
                 relative = relative_similarity_loss(student, teacher, self.margin, self.relative_max_pairs)
-                losses[f"rel/{cell.name2d}"] = self.relative_weight * relative
+                losses[f"rel/{name}"] = self.relative_weight * relative
         return losses
 
     def save_pretrained(self, directory: str | Path) -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from accelerate.utils import extract_model_from_parallel
 from sentence_transformers import SentenceTransformer
 from torch import Tensor, nn
 
 from trainer.grid import Cell
+from trainer.heads import BinaryHeads
 from trainer.layers import cell_embedding, embed_layers
 from trainer.losses.matryoshka2d import CellSelection
 
@@ -20,42 +21,52 @@ class CellBatch:
     ``embeddings[cell][c]`` is the unit-normalised (N, cell.dim) embedding of input column ``c``
     (0 = anchor, 1 = positive, 2.. = hard negatives) at a float cell; ``layer_embeddings[c][layer]`` the
     pooled full-width embedding the cells were cut from; ``labels`` is the dataset's label column, if any.
+    With binarization heads, ``codes[cell.with_bits(k)][c]`` is the unit-normalised float form of the
+    k-bit code of the same embedding (differentiable through the straight-through sign).
     """
 
     embeddings: dict[Cell, list[Tensor]]
     layer_embeddings: list[dict[int, Tensor]]
     full: Cell
     labels: Tensor | None
+    codes: dict[Cell, list[Tensor]] = field(default_factory=dict)
 
 
 class ElasticLoss(nn.Module):
     """Sum of loss terms over the cells of a step, all from ONE forward pass of the model per input column.
 
     The transformer runs once per column with ``output_hidden_states``; each layer is pooled with the
-    model's own pooling and each dim is a re-normalised prefix (see ``trainer.layers``). Each term returns
-    a dict of named, already weighted components (``loss/L4-D128``, ``kl/L4-D128``, ...); the Trainer sums
-    them and logs each name.
+    model's own pooling and each dim is a re-normalised prefix (see ``trainer.layers``). With ``heads``,
+    each cell's codes at ``bits`` are computed once here and shared by the terms. Each term returns a dict
+    of named, already weighted components (``loss/L4-D128``, ``kl/L4-D128``, ...); the Trainer sums them
+    and logs each name.
     """
 
-    def __init__(self, model: SentenceTransformer, selection: CellSelection, terms: dict[str, nn.Module]) -> None:
+    def __init__(
+        self,
+        model: SentenceTransformer,
+        selection: CellSelection,
+        terms: dict[str, nn.Module],
+        heads: BinaryHeads | None = None,
+        bits: tuple[int, ...] = (),
+    ) -> None:
         super().__init__()
         if not terms:
             raise ValueError("ElasticLoss needs at least one term")
         self.model = model
         self.selection = selection
         self.terms = nn.ModuleDict(terms)
+        self.heads = heads
+        self.bits = tuple(bits)
 
     def forward(self, sentence_features: list[dict[str, Tensor]], labels: Tensor | None) -> dict[str, Tensor]:
         base = extract_model_from_parallel(self.model)
         cells = self.selection.cells_for_step()
         layers = {cell.layers for cell in cells}
         per_column = [embed_layers(base, features, layers, forward=self.model) for features in sentence_features]
-        batch = CellBatch(
-            embeddings={cell: [cell_embedding(column, cell) for column in per_column] for cell in cells},
-            layer_embeddings=per_column,
-            full=self.selection.full,
-            labels=labels,
-        )
+        embeddings = {cell: [cell_embedding(column, cell) for column in per_column] for cell in cells}
+        codes = self.heads.code_forms(embeddings, self.bits) if self.heads is not None else {}
+        batch = CellBatch(embeddings, per_column, self.selection.full, labels, codes)
         losses: dict[str, Tensor] = {}
         for term in self.terms.values():
             losses.update(term(batch))

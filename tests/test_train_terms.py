@@ -1,0 +1,77 @@
+"""All terms in one recipe: 2D Matryoshka contrastive, binary codes and distillation, with and without labels."""
+
+import json
+
+import pytest
+
+from trainer.recipe import parse_recipe
+from trainer.train import train
+
+
+@pytest.fixture
+def beir_folder(tmp_path):
+    folder = tmp_path / "beir"
+    (folder / "qrels").mkdir(parents=True)
+    docs = [
+        {"_id": f"d{i}", "title": f"title {i}", "text": f"document about topic {i % 5} number {i}"} for i in range(24)
+    ]
+    queries = [{"_id": f"q{i}", "text": f"what about topic {i % 5}"} for i in range(8)]
+    (folder / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (folder / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    (folder / "qrels" / "train.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\nq{i}\td{i + 8}\t1\n" for i in range(8))
+    )
+    return folder
+
+
+def recipe(tiny_model_path, tmp_path, sources, **sections):
+    return parse_recipe(
+        {
+            "model": {"name": str(tiny_model_path)},
+            "data": {"train": sources},
+            "loss": {"type": "starbucks", "cells": ["L2-D16", "L4-D32"], **sections.pop("loss", {})},
+            "training": {
+                "output_dir": str(tmp_path / "run"),
+                "max_steps": 3,
+                "per_device_train_batch_size": 8,
+                "logging_steps": 1,
+                "save_strategy": "no",
+                "report_to": "none",
+            },
+            **sections,
+        }
+    )
+
+
+def logged_keys(trainer):
+    return {key for entry in trainer.state.log_history for key in entry}
+
+
+def test_label_free_self_distillation_with_codes(tiny_model_path, tmp_path, beir_folder):
+    distill = {"teacher": "self", "cache_dir": str(tmp_path / "teacher-cache")}
+    trainer = train(
+        recipe(
+            tiny_model_path,
+            tmp_path,
+            [{"texts": str(beir_folder)}],
+            distill=distill,
+            binary={"bits": [1, 2], "hidden": 16},
+        )
+    )
+    keys = logged_keys(trainer)
+    assert {"cos/L4-D32", "sim/L2-D16", "rel/L2-D16", "sim/L2-D16-B1", "rel/L4-D32-B2"} <= keys
+    assert not any(key.startswith(("loss/", "bin/")) for key in keys)  # one column: nothing to contrast
+
+
+def test_pairs_and_texts_mixed_with_a_teacher(tiny_model_path, tmp_path, beir_folder):
+    sources = [{"beir": str(beir_folder), "name": "pairs"}, {"texts": str(beir_folder), "name": "texts"}]
+    distill = {"teacher": "self", "cache_dir": str(tmp_path / "teacher-cache")}
+    run = recipe(tiny_model_path, tmp_path, sources, distill=distill)
+    run.training["max_steps"] = 6
+    keys = logged_keys(train(run))
+    assert {"loss/L2-D16", "kl/L2-D16", "cos/L4-D32", "sim/L2-D16"} <= keys
+
+
+def test_label_free_texts_without_a_teacher_are_refused(tiny_model_path, tmp_path, beir_folder):
+    with pytest.raises(ValueError, match="label-free texts; they need a distill section"):
+        recipe(tiny_model_path, tmp_path, [{"texts": str(beir_folder)}])
