@@ -27,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     grid.add_argument("--rescore", type=int, help="binary cells: re-rank their top 100*M by the float query (0: off)")
     grid.add_argument("--output", help="results folder; default results/<model-slug>")
     grid.add_argument("--batch-size", dest="batch_size", type=int, help="encoding batch size (default 64)")
+    grid.add_argument(
+        "--max-seq-length", dest="max_seq_length", type=int, help="cut texts at N tokens (default: model's)"
+    )
     grid.add_argument("--overwrite", action="store_true", default=None, help="recompute cells already scored")
     return parser
 

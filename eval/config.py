@@ -16,7 +16,19 @@ from eval.errors import EvalError
 from eval.runner import GridRequest
 from trainer.grid import FLOAT_BITS, Grid
 
-KEYS = ("model", "tasks", "cells", "layers", "dims", "bits", "rescore", "output", "batch_size", "overwrite")
+KEYS = (
+    "model",
+    "tasks",
+    "cells",
+    "layers",
+    "dims",
+    "bits",
+    "rescore",
+    "output",
+    "batch_size",
+    "overwrite",
+    "max_seq_length",
+)
 DEFAULT_BITS = (FLOAT_BITS, 1)
 
 
@@ -76,4 +88,5 @@ def build_request(settings: dict[str, Any], num_layers: int, embedding_dim: int)
         rescore=rescore,
         batch_size=int(settings.get("batch_size") or 64),
         overwrite=bool(settings.get("overwrite")),
+        max_seq_length=int(settings["max_seq_length"]) if settings.get("max_seq_length") else None,
     )

@@ -47,6 +47,7 @@ class GridRequest:
     rescore: int = 0
     batch_size: int = 64
     overwrite: bool = False
+    max_seq_length: int | None = None  # tokens per text; part of the result identity when set
 
 
 @dataclass
@@ -151,6 +152,9 @@ def run_grid(request: GridRequest, model: SentenceTransformer | None = None) -> 
     texts = {task.metadata.name: task_texts(task, split) for task, split in tasks}
 
     name, revision = model_identity(request.model)
+    if request.max_seq_length:
+        model.max_seq_length = request.max_seq_length
+        revision = f"{revision}-len{request.max_seq_length}"
     cache = ResultCache(request.output)
     results = GridResults(name, revision, depth, width, cells, {t.metadata.name: s for t, s in tasks}, request.rescore)
     for task, split in tasks:

@@ -72,8 +72,7 @@ def load_source(source: SourceConfig, where: str = "data.train[0]") -> Dataset:
         pairs = beir.relevant_pairs(beir.load_split(source.beir, source.split), int(source.min_score or 1))
         dataset = Dataset.from_dict({"anchor": [q for q, _ in pairs], "positive": [d for _, d in pairs]})
     elif source.texts:
-        folder = source.texts
-        texts = list(beir.load_corpus(folder).values()) + list(beir.load_queries(folder).values())
+        texts = beir.load_corpus(source.texts).values()
         dataset = Dataset.from_dict({"text": [t for t in texts if t.strip()]})
     elif source.hub:
         dataset = _from_table(_load_hub(source, where), source, where)

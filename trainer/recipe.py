@@ -63,7 +63,8 @@ class SourceConfig:
     - ``hub``: a hub dataset id (``subset``, ``split``); ``path``: a local jsonl/json/parquet/csv file.
       ``columns`` maps our columns (anchor, positive, negative, negative_2...; or text) to the source's.
       ``score_column`` with ``min_score`` keeps rows scoring at least that (e.g. STS-B pairs >= 4).
-    - ``texts``: label-free, one ``text`` column: every document and query text of a BEIR folder.
+    - ``texts``: label-free, one ``text`` column: every document of a BEIR folder's corpus (queries are left
+      out: they belong to the evaluation splits).
     """
 
     beir: str | None = None
