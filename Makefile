@@ -8,7 +8,9 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 RUN ?= runs/demo
 
-.PHONY: install models demo test test-fast lint format bench bench-smoke clean
+BENCHES := train-step train-memory grid-eval binary-search early-exit flagship
+
+.PHONY: install models demo test test-fast lint format bench bench-smoke clean $(addprefix bench-,$(BENCHES))
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +27,12 @@ install: $(STAMP)
 models: $(STAMP)
 	$(BIN)/python -m trainer models
 
+# Train the demo recipe (per-cell losses in the log), then score every cell on cranfield test.
 demo: models
 	$(BIN)/python -m trainer train configs/demo.yaml --output_dir $(RUN) --overwrite_output_dir true
+	$(BIN)/python -m eval grid --model $(RUN) --tasks ../shared/data/cranfield:test --layers 1 2 3 4 5 6 \
+		--dims 32 64 128 256 384 --bits 32 1 --output $(RUN)/eval --overwrite
+	@cat $(RUN)/eval/table-B32.md $(RUN)/eval/table-B1.md
 
 test: models
 	$(BIN)/python -m pytest -q
@@ -39,6 +45,21 @@ lint: $(STAMP)
 
 format: $(STAMP)
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+# Benchmarks (BENCHMARKS.md); each writes bench/results/<name>.json.
+bench: $(addprefix bench-,$(BENCHES))
+bench-train-step: models
+	PYTHONPATH=. $(BIN)/python bench/train_step.py
+bench-train-memory: models
+	PYTHONPATH=. $(BIN)/python bench/train_step.py --peak-memory
+bench-grid-eval: models
+	PYTHONPATH=. $(BIN)/python bench/grid_eval.py
+bench-binary-search: models
+	PYTHONPATH=. $(BIN)/python bench/binary_search.py
+bench-early-exit: models
+	PYTHONPATH=. $(BIN)/python bench/early_exit.py
+bench-flagship: models
+	PYTHONPATH=. $(BIN)/python bench/flagship.py
 
 clean:
 	rm -rf $(VENV) runs results .pytest_cache

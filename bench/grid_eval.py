@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 import mteb
 from sentence_transformers import SentenceTransformer
 
+from bench.common import write_result
 from eval.config import DEFAULT_BITS, default_dims
 from eval.plots import write_plots
 from eval.report import write_reports
@@ -29,7 +31,7 @@ from eval.runner import GridRequest, run_grid
 from eval.tasks import resolve_task
 from trainer.beir import load_split
 from trainer.grid import Cell, Grid
-from trainer.layers import embedding_dim, num_layers
+from trainer.layers import embedding_dim, keep_layers, num_layers
 
 DEFAULT_TASK = str(Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cranfield") + ":test"
 
@@ -60,9 +62,7 @@ def plain_seconds(model: SentenceTransformer, spec: str, batch_size: int) -> flo
 
 def truncated(model_id: str, cell: Cell) -> SentenceTransformer:
     model = SentenceTransformer(model_id, device="cpu", truncate_dim=cell.dim)
-    encoder = model[0].auto_model.encoder
-    encoder.layer = encoder.layer[: cell.layers]
-    model[0].auto_model.config.num_hidden_layers = cell.layers
+    keep_layers(model, cell.layers)
     return model
 
 
@@ -111,6 +111,7 @@ def main() -> None:
         f"{row['grid_over_full']} | {row['per_cell_runs_over_full']} |"
     )
     print(json.dumps(row))
+    print(write_result("grid_eval", "python " + " ".join(sys.argv), [row], args.smoke))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from trainer.grid import Cell
 from trainer.heads import BinaryHeads, check_bits
-from trainer.losses.infonce import InfoNCELoss
+from trainer.losses.infonce import InfoNCELoss, score_kl
 
 if TYPE_CHECKING:
     from trainer.losses.elastic import CellBatch
@@ -55,10 +55,6 @@ class BinaryCodeLoss(nn.Module):
         self.kl_weight = kl_weight
         self.kl_temperature = kl_temperature
 
-    def kl_to_float(self, float_scores: Tensor, code_scores: Tensor) -> Tensor:
-        target = F.softmax(float_scores.detach() / self.kl_temperature, dim=-1)
-        return F.kl_div(F.log_softmax(code_scores / self.kl_temperature, dim=-1), target, reduction="batchmean")
-
     def forward(self, batch: CellBatch) -> dict[str, Tensor]:
         losses: dict[str, Tensor] = {}
         if len(batch.layer_embeddings) < 2:  # a label-free batch of one text column: nothing to contrast
@@ -71,7 +67,7 @@ class BinaryCodeLoss(nn.Module):
                 name = str(cell.with_bits(depth))
                 losses[f"bin/{name}"] = self.weight * loss
                 if float_scores is not None:
-                    losses[f"binkl/{name}"] = self.kl_weight * self.kl_to_float(float_scores, scores)
+                    losses[f"binkl/{name}"] = self.kl_weight * score_kl(float_scores, scores, self.kl_temperature)
         return losses
 
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -128,8 +124,7 @@ class EmbeddingToEmbeddingLoss(nn.Module):
         n = floats.shape[0]
         target = (self.scale * floats @ floats.T)[off_diagonal].view(n, n - 1)
         scores = (self.scale * codes @ codes.T)[off_diagonal].view(n, n - 1)
-        target = F.softmax(target.detach() / self.kl_temperature, dim=-1)
-        return F.kl_div(F.log_softmax(scores / self.kl_temperature, dim=-1), target, reduction="batchmean")
+        return score_kl(target, scores, self.kl_temperature)
 
     def forward(
         self, items: dict[Cell, Tensor], pairs: dict[Cell, tuple[Tensor, Tensor]] | None = None

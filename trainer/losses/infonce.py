@@ -19,6 +19,13 @@ def gather_with_grad(tensor: Tensor) -> tuple[Tensor, int]:
     return gathered, dist.get_rank() * tensor.shape[0]
 
 
+def score_kl(target_scores: Tensor, scores: Tensor, temperature: float = 1.0) -> Tensor:
+    """Row-wise ``KL(softmax(target / T) || softmax(scores / T))``, averaged over rows; the target is detached,
+    so only ``scores`` learn to rank candidates like ``target_scores``."""
+    target = F.softmax(target_scores.detach() / temperature, dim=-1)
+    return F.kl_div(F.log_softmax(scores / temperature, dim=-1), target, reduction="batchmean")
+
+
 class InfoNCELoss(nn.Module):
     """InfoNCE over in-batch negatives plus hard negatives (van den Oord et al. 2018; Karpukhin et al. 2020).
 

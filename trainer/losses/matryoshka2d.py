@@ -5,11 +5,10 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING, Literal
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainer.grid import Cell, Grid
-from trainer.losses.infonce import InfoNCELoss
+from trainer.losses.infonce import InfoNCELoss, score_kl
 
 if TYPE_CHECKING:
     from trainer.losses.elastic import CellBatch
@@ -76,10 +75,6 @@ class Matryoshka2dLoss(nn.Module):
         self.kl_weight = kl_weight
         self.kl_temperature = kl_temperature
 
-    def kl_to_full(self, full_scores: Tensor, cell_scores: Tensor) -> Tensor:
-        target = F.softmax(full_scores.detach() / self.kl_temperature, dim=-1)
-        return F.kl_div(F.log_softmax(cell_scores / self.kl_temperature, dim=-1), target, reduction="batchmean")
-
     def forward(self, batch: CellBatch) -> dict[str, Tensor]:
         losses, scores = {}, {}
         if len(batch.layer_embeddings) < 2:  # a label-free batch of one text column: nothing to contrast
@@ -90,6 +85,6 @@ class Matryoshka2dLoss(nn.Module):
         if self.kl_weight:
             for cell in batch.embeddings:
                 if cell != batch.full:
-                    kl = self.kl_to_full(scores[batch.full], scores[cell])
+                    kl = score_kl(scores[batch.full], scores[cell], self.kl_temperature)
                     losses[f"kl/{cell.name2d}"] = self.kl_weight * kl
         return losses

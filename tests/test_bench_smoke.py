@@ -1,0 +1,41 @@
+"""CI runs a seconds-long smoke of each benchmark: the scripts run and write their result files."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, requires_shared_data
+
+
+def smoke(name: str, *flags: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, f"bench/{name}.py", "--smoke", *flags]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def recorded(name: str) -> dict:
+    return json.loads((REPO / "bench" / "results" / f"{name}-smoke.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["binary_search", "early_exit", "train_step"])
+def test_benchmark_smoke_runs_and_records_provenance(name):
+    smoke(name)
+    payload = recorded(name)
+    assert payload["smoke"] is True and payload["rows"] and payload["machine"] and payload["command"]
+
+
+def test_memory_benchmark_smoke():
+    smoke("train_step", "--peak-memory")
+    assert all(row["peak RSS MiB"] > 50 for row in recorded("train_memory")["rows"])
+
+
+@pytest.mark.slow
+def test_grid_eval_benchmark_smoke():
+    requires_shared_data("cranfield")
+    smoke("grid_eval")
+    row = recorded("grid_eval")["rows"][0]
+    assert row["grid_s"] > 0 and row["full_model_s"] > 0
