@@ -72,10 +72,10 @@ def build_loss(recipe: Recipe, model: SentenceTransformer, grid: Grid, teacher_d
     terms: dict[str, nn.Module] = {}
     heads = None
     if config.contrastive_weight > 0:
-        weights = {cell: config.contrastive_weight for cell in selection.cells_for_step()} | {
-            Cell.parse(name): config.contrastive_weight * weight for name, weight in config.cell_weights.items()
-        }
-        terms["matryoshka"] = Matryoshka2dLoss(contrastive, weights, config.kl_weight, config.kl_temperature)
+        weights = {Cell.parse(name): weight for name, weight in config.cell_weights.items()}
+        terms["matryoshka"] = Matryoshka2dLoss(
+            contrastive, weights, config.kl_weight, config.kl_temperature, config.contrastive_weight
+        )
     if recipe.binary is not None:
         binary = recipe.binary
         heads = BinaryHeads(

@@ -54,7 +54,7 @@ class Matryoshka2dLoss(nn.Module):
 
     For each cell c with scaled scores ``S_c`` (anchors x candidates, see ``InfoNCELoss``):
 
-        L = sum_c w_c * InfoNCE(S_c) + kl_weight * sum_{c != full} KL(P_full || P_c)
+        L = weight * sum_c w_c * InfoNCE(S_c) + kl_weight * sum_{c != full} KL(P_full || P_c)
         P_c = softmax(S_c / T) row-wise,   P_full = softmax(S_full / T) with S_full detached
 
     over the same candidates (Zhuang et al. 2024, Starbucks; Li et al. 2024, 2DMSE, which aligns the
@@ -68,9 +68,11 @@ class Matryoshka2dLoss(nn.Module):
         weights: dict[Cell, float] | None = None,
         kl_weight: float = 1.0,
         kl_temperature: float = 1.0,
+        weight: float = 1.0,
     ) -> None:
         super().__init__()
         self.contrastive = contrastive
+        self.weight = weight
         self.weights = weights or {}
         self.kl_weight = kl_weight
         self.kl_temperature = kl_temperature
@@ -81,7 +83,7 @@ class Matryoshka2dLoss(nn.Module):
             return losses
         for cell, columns in batch.embeddings.items():
             loss, scores[cell] = self.contrastive(columns[0], columns[1:])
-            losses[f"loss/{cell.name2d}"] = self.weights.get(cell, 1.0) * loss
+            losses[f"loss/{cell.name2d}"] = self.weight * self.weights.get(cell, 1.0) * loss
         if self.kl_weight:
             for cell in batch.embeddings:
                 if cell != batch.full:
