@@ -75,3 +75,23 @@ def test_pairs_and_texts_mixed_with_a_teacher(tiny_model_path, tmp_path, beir_fo
 def test_label_free_texts_without_a_teacher_are_refused(tiny_model_path, tmp_path, beir_folder):
     with pytest.raises(ValueError, match="label-free texts; they need a distill section"):
         recipe(tiny_model_path, tmp_path, [{"texts": str(beir_folder)}])
+
+
+def test_loss_parameters_get_their_own_learning_rates(tiny_model_path, tmp_path, beir_folder):
+    distill = {"teacher": "self", "cache_dir": str(tmp_path / "teacher-cache"), "projection_lr": 5e-3}
+    run = recipe(
+        tiny_model_path,
+        tmp_path,
+        [{"beir": str(beir_folder)}],
+        distill=distill,
+        binary={"bits": [1], "hidden": 16, "lr": 2e-3},
+    )
+    run.training["learning_rate"] = 1e-5
+    trainer = train(run)
+    rates = {}
+    for group in trainer.optimizer.param_groups:
+        for param in group["params"]:
+            rates[id(param)] = group["lr"] if "initial_lr" not in group else group["initial_lr"]
+    loss = trainer.loss
+    assert {rates[id(p)] for p in loss.heads.parameters()} == {2e-3}
+    assert {rates[id(p)] for p in loss.model.parameters()} == {1e-5}

@@ -53,7 +53,9 @@ class DistillConfig:
     ``teacher`` is a sentence-transformers hub id, a local path, or ``"self"`` (a frozen copy of the
     student's starting weights). ``max_seq_length`` None keeps the teacher's own; ``prompt`` None uses the
     teacher's default prompt, if its config names one. ``relative_max_pairs`` bounds the relative loss's
-    pair list (see ``relative_similarity_loss``).
+    pair list (see ``relative_similarity_loss``). ``projection_lr`` is the learning rate of the randomly
+    initialised projection to the teacher's width (when widths differ): it must fit the student quickly,
+    not the student fit a random projection.
     """
 
     teacher: str
@@ -67,13 +69,14 @@ class DistillConfig:
     batch_size: int = 64
     trust_remote_code: bool = False
     relative_max_pairs: int | None = 2048
+    projection_lr: float = 1e-3
 
     def __post_init__(self) -> None:
         if not isinstance(self.teacher, str) or not self.teacher.strip():
             raise RecipeError(
                 f"distill.teacher: {self.teacher!r} is not valid; give a sentence-transformers hub id, a path or 'self'"
             )
-        weights = ("cosine_weight", "similarity_weight", "relative_weight", "margin")
+        weights = ("cosine_weight", "similarity_weight", "relative_weight", "margin", "projection_lr")
         for key in weights:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:

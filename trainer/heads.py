@@ -68,9 +68,10 @@ class BinaryConfig:
     together, ``trainer.losses.binary``) or ``head-only`` (frozen encoder, ``trainer.head_only``).
     ``weight`` / ``kl_weight`` / ``kl_temperature`` / ``scale``: the binary InfoNCE weight, the weight of the
     KL to the float cell's scores, its temperature, and the logit scale (1 / temperature) of the InfoNCE.
-    Head-only settings: ``steps``, ``batch_size``, ``lr``, ``weight_decay``, ``max_texts`` (cap on the
-    number of raw texts encoded, None = all), ``seed``, ``cache_dir`` (where float embeddings are cached,
-    None = ``<output_dir>/binary_heads_cache``).
+    ``lr``: the heads' learning rate, in both modes (joint training gives the randomly initialised heads
+    this rate, not the encoder's). Head-only settings: ``steps``, ``batch_size``, ``weight_decay``,
+    ``max_texts`` (cap on the number of raw texts encoded, None = all), ``seed``, ``cache_dir`` (where float
+    embeddings are cached, None = ``<output_dir>/binary_heads_cache``).
     """
 
     bits: list[int] = field(default_factory=lambda: [1, 2, 4])

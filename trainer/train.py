@@ -166,6 +166,7 @@ def train(recipe: Recipe) -> SentenceTransformerTrainer:
         first = next(iter(train_data.values())) if isinstance(train_data, DatasetDict) else train_data
         teacher_width = len(first[0]["label"][0])
     loss = build_loss(recipe, model, grid, teacher_width)
+    args.learning_rate_mapping = {**loss_learning_rates(recipe, loss), **args.learning_rate_mapping}
     callback = LossStateCallback(loss)
     trainer = SentenceTransformerTrainer(
         model=model, args=args, train_dataset=train_data, eval_dataset=eval_data, loss=loss, callbacks=[callback]
@@ -178,6 +179,17 @@ def train(recipe: Recipe) -> SentenceTransformerTrainer:
         callback.save(recipe.output_dir)
         write_manifest(recipe, grid, model)
     return trainer
+
+
+def loss_learning_rates(recipe: Recipe, loss: ElasticLoss) -> dict[str, float]:
+    """Learning rates of the loss's own, randomly initialised parameters (parameter-name regex -> rate), so
+    they are not trained at the encoder's fine-tuning rate; a recipe's learning_rate_mapping overrides them."""
+    rates = {}
+    if loss.heads is not None:
+        rates[r"(^|\.)heads\."] = recipe.binary.lr
+    if "distill" in loss.terms and loss.terms["distill"].projection is not None:
+        rates[r"\.projection\."] = recipe.distill.projection_lr
+    return rates
 
 
 def label_with_teacher(data: Dataset | DatasetDict, recipe: Recipe) -> Dataset | DatasetDict:
