@@ -21,6 +21,7 @@ from pathlib import Path
 from statistics import mean
 
 from bench.common import RESULTS, commit, machine
+from trainer.grid import Cell
 
 STUDENT = "sentence-transformers/all-MiniLM-L6-v2"
 TEACHER = "sentence-transformers/all-mpnet-base-v2"
@@ -73,7 +74,7 @@ def scores(grid: dict) -> dict[str, dict[str, float]]:
 def tables(results: dict[str, dict], teacher_full: dict[str, float]) -> str:
     """One table per bit depth: mean nDCG@10 over tasks per model, and our retention of the teacher."""
     lines = []
-    cells = sorted({c for r in results.values() for c in r}, key=lambda c: (-int(c.split("-B")[1]), c))
+    cells = sorted({c for r in results.values() for c in r}, key=lambda c: Cell.parse(c))
     for bits in sorted({int(c.split("-B")[1]) for c in cells}, reverse=True):
         lines += [
             f"### {'float32' if bits == 32 else f'{bits} bit(s) per dim'}",
@@ -97,6 +98,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="a few steps, one task, two cells")
     parser.add_argument("--runs", default="runs/flagship")
+    parser.add_argument("--name", default="flagship", help="result file name under bench/results/")
     args = parser.parse_args()
     runs = Path(args.runs + ("-smoke" if args.smoke else ""))
     runs.mkdir(parents=True, exist_ok=True)
@@ -133,7 +135,7 @@ def main() -> None:
     )
     print(report)
     RESULTS.mkdir(exist_ok=True)
-    name = "flagship-smoke" if args.smoke else "flagship"
+    name = f"{args.name}-smoke" if args.smoke else args.name
     payload = {
         "command": "python " + " ".join(sys.argv),
         "machine": machine(),
