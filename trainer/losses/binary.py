@@ -18,6 +18,14 @@ if TYPE_CHECKING:
     from trainer.losses.elastic import CellBatch
 
 
+def trained_depths(heads: BinaryHeads, bits: Sequence[int]) -> tuple[int, ...]:
+    """``bits`` as valid, increasing depths that ``heads`` were built for (CodeError otherwise)."""
+    depths = tuple(check_bits(bits))
+    for depth in depths:
+        heads.check_depth(depth)
+    return depths
+
+
 class BinaryCodeLoss(nn.Module):
     """InfoNCE on the codes of every float cell at every depth, plus KL to the float cell's scores.
 
@@ -46,9 +54,7 @@ class BinaryCodeLoss(nn.Module):
         kl_temperature: float = 1.0,
     ) -> None:
         super().__init__()
-        self.bits = tuple(check_bits(bits))
-        for depth in self.bits:
-            heads.check_depth(depth)
+        self.bits = trained_depths(heads, bits)
         self.heads = heads
         self.contrastive = contrastive
         self.weight = weight
@@ -103,9 +109,7 @@ class EmbeddingToEmbeddingLoss(nn.Module):
         kl_temperature: float = 1.0,
     ) -> None:
         super().__init__()
-        self.bits = tuple(check_bits(bits))
-        for depth in self.bits:
-            heads.check_depth(depth)
+        self.bits = trained_depths(heads, bits)
         self.heads = heads
         self.scale = scale
         self.kl_weight = kl_weight
