@@ -17,7 +17,7 @@ from sentence_transformers import SentenceTransformer, SentenceTransformerTraine
 from sentence_transformers.sentence_transformer.losses import Matryoshka2dLoss, MultipleNegativesRankingLoss
 
 from trainer.data import load_sources
-from trainer.recipe import load_recipe
+from trainer.recipe import load_recipe, model_shape
 
 TRAINING_KEYS = ("max_steps", "per_device_train_batch_size", "learning_rate", "warmup_steps", "batch_sampler", "seed")
 
@@ -32,7 +32,7 @@ def main() -> None:
     data = load_sources(pairs)
     model = SentenceTransformer(recipe.model.name)
     model.max_seq_length = recipe.model.max_seq_length or model.max_seq_length
-    dims = sorted(recipe.loss.dims or [model.get_embedding_dimension()], reverse=True)
+    dims = sorted({*recipe.loss.grid(*model_shape(recipe.model)).dims, model.get_embedding_dimension()}, reverse=True)
     loss = Matryoshka2dLoss(model, MultipleNegativesRankingLoss(model), dims)
     training = {key: recipe.training[key] for key in TRAINING_KEYS if key in recipe.training}
     trainer_args = SentenceTransformerTrainingArguments(
