@@ -32,16 +32,15 @@ def check_codes(cell: Cell, heads: Any | None) -> None:
     """Raise (before any work) when ``cell``'s codes cannot be made: unpackable dim, untrained depth or dim."""
     if cell.is_float:
         return
-    check_packable(cell.dim)
-    if heads is None:
-        if cell.bits > 1:
-            raise EvalError(
-                f"bits: {cell} asks for {cell.bits}-bit codes but the model has no binarization heads; "
-                "without heads only 1-bit sign codes (B1) and floats (B32) are available"
-            )
+    if heads is not None:
+        heads.check_serves(cell)  # CodeError naming the dim rule, the trained depths or the trained cells
         return
-    heads.check_depth(cell.bits)  # CodeError naming the trained depths
-    heads.head_for(cell)  # CodeError naming the trained cells
+    check_packable(cell.dim)
+    if cell.bits > 1:
+        raise EvalError(
+            f"bits: {cell} asks for {cell.bits}-bit codes but the model has no binarization heads; "
+            "without heads only 1-bit sign codes (B1) and floats (B32) are available"
+        )
 
 
 def codes_for(cell: Cell, embeddings: Tensor, heads: Any | None) -> PackedCodes:

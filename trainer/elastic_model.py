@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from huggingface_hub import snapshot_download
 from sentence_transformers import SentenceTransformer
 
-from trainer.codes import CodeError, PackedCodes, check_packable
+from trainer.codes import CodeError, PackedCodes
 from trainer.grid import Cell
 from trainer.heads import BinaryHeads
 from trainer.layers import early_exit, embedding_dim, num_layers
@@ -37,9 +37,7 @@ class ElasticModel:
             return cell
         if self.heads is None:
             raise CodeError(f"{cell}: {self.path} has no binarization heads, so only B32 (float) cells exist")
-        check_packable(cell.dim)
-        self.heads.check_depth(cell.bits)
-        self.heads.head_for(cell)
+        self.heads.check_serves(cell)
         return cell
 
     def at(self, cell: str | Cell) -> CellEncoder:

@@ -260,6 +260,12 @@ class BinaryHeads(nn.Module):
                 codes[cell.with_bits(depth)] = [F.normalize(f[depth - 1], dim=-1) for f in forms]
         return codes
 
+    def check_serves(self, cell: Cell) -> None:
+        """CodeError unless these heads can encode ``cell``: a packable dim, a trained depth, a head for it."""
+        check_packable(cell.dim)
+        self.check_depth(cell.bits)
+        self.head_for(cell)
+
     def check_depth(self, bits: int) -> None:
         if bits <= 0 or bits not in self._bits:
             raise CodeError(f"bits={bits} was not trained: these heads serve depths {list(self._bits)}")
