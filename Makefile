@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 models: $(STAMP)
-	$(BIN)/python -m trainer models
+	$(BIN)/python tools/offline_models.py
 
 # Train the demo recipe (per-cell losses in the log), then score every cell on cranfield test.
 demo: models

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 
 from bench.common import markdown, median_seconds, write_result
-from trainer.codes import PackedCodes, inner_products
+from trainer.binary.codes import PackedCodes, inner_products
 
 
 def measure(n: int, queries: int, bits: int, repeats: int, float_limit: int, rng: np.random.Generator) -> dict:

@@ -12,8 +12,8 @@ import sys
 import torch
 
 from bench.common import markdown, median_seconds, write_result
-from trainer.elastic_model import load
-from trainer.layers import embedding_dim, num_layers
+from trainer.cell_vectors import embedding_dim, num_layers
+from trainer.serve.model import load
 
 
 def texts(n: int) -> list[str]:

@@ -30,8 +30,8 @@ from eval.report import write_reports
 from eval.runner import GridRequest, run_grid
 from eval.tasks import resolve_task
 from trainer.beir import load_split
+from trainer.cell_vectors import embedding_dim, keep_layers, num_layers
 from trainer.grid import Cell, Grid
-from trainer.layers import embedding_dim, keep_layers, num_layers
 
 DEFAULT_TASK = str(Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cranfield") + ":test"
 

@@ -16,8 +16,8 @@ from datasets import DatasetDict
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from sentence_transformers.sentence_transformer.losses import Matryoshka2dLoss, MultipleNegativesRankingLoss
 
-from trainer.data import load_sources
-from trainer.recipe import load_recipe, model_shape
+from trainer.train.data import load_sources
+from trainer.train.recipe import load_recipe, model_shape
 
 TRAINING_KEYS = ("max_steps", "per_device_train_batch_size", "learning_rate", "warmup_steps", "batch_sampler", "seed")
 

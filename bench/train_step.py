@@ -22,12 +22,12 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.losses import Matryoshka2dLoss, MultipleNegativesRankingLoss
 
 from bench.common import markdown, median_seconds, write_result
+from trainer.binary.heads import BinaryHeads
 from trainer.grid import Cell, Grid
-from trainer.heads import BinaryHeads
-from trainer.losses import CellSelection, ElasticLoss, InfoNCELoss
-from trainer.losses import Matryoshka2dLoss as Ours
-from trainer.losses.binary import BinaryCodeLoss
-from trainer.losses.distill import DistillationLoss
+from trainer.train.losses import CellSelection, ElasticLoss, InfoNCELoss
+from trainer.train.losses import Matryoshka2dLoss as Ours
+from trainer.train.losses.binary import BinaryCodeLoss
+from trainer.train.losses.distill import DistillationLoss
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 CELLS = ["L1-D32", "L2-D64", "L3-D128", "L4-D192", "L5-D256", "L6-D384"]

@@ -11,19 +11,19 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from eval.errors import EvalError
-from trainer.codes import PackedCodes, check_packable, sign_codes
+from trainer.binary.codes import PackedCodes, check_packable, sign_codes
+from trainer.errors import UserError
 from trainer.grid import Cell
 
 if TYPE_CHECKING:
-    from trainer.heads import BinaryHeads
+    from trainer.binary.heads import BinaryHeads
 
 
 def load_heads(model_path: str) -> BinaryHeads | None:
     """The checkpoint's ``BinaryHeads``; None for a hub id or a checkpoint without ``binary_heads/``."""
     if not Path(model_path).is_dir():
         return None
-    from trainer.heads import BinaryHeads
+    from trainer.binary.heads import BinaryHeads
 
     return BinaryHeads.load(model_path)
 
@@ -33,11 +33,11 @@ def check_codes(cell: Cell, heads: Any | None) -> None:
     if cell.is_float:
         return
     if heads is not None:
-        heads.check_serves(cell)  # CodeError naming the dim rule, the trained depths or the trained cells
+        heads.check_serves(cell)  # UserError naming the dim rule, the trained depths or the trained cells
         return
     check_packable(cell.dim)
     if cell.bits > 1:
-        raise EvalError(
+        raise UserError(
             f"bits: {cell} asks for {cell.bits}-bit codes but the model has no binarization heads; "
             "without heads only 1-bit sign codes (B1) and floats (B32) are available"
         )

@@ -3,14 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from eval.errors import EvalError
-from trainer.beir import DataError
-from trainer.codes import CodeError
-from trainer.grid import GridError
-
-USER_ERRORS = (EvalError, GridError, DataError, CodeError)
+from trainer.errors import UserError, run_cli
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,12 +33,12 @@ def run(args: argparse.Namespace) -> None:
     from eval.plots import write_plots
     from eval.report import write_reports
     from eval.runner import load_model, run_grid
-    from trainer.layers import embedding_dim, num_layers
+    from trainer.cell_vectors import embedding_dim, num_layers
 
     config = load_config(args.config) if args.config else {}
     settings = merge(config, {key: getattr(args, key) for key in KEYS})
     if not settings.get("model"):
-        raise EvalError("model: missing; give --model or 'model:' in the config")
+        raise UserError("model: missing; give --model or 'model:' in the config")
     model = load_model(str(settings["model"]))
     request = build_request(settings, num_layers(model), embedding_dim(model))
     results = run_grid(request, model)
@@ -58,8 +52,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    try:
-        run(args)
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_cli(
+        lambda: run(args),
+        on_interrupt="every cell scored so far is kept in the output folder; rerun the same command to resume",
+    )

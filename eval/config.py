@@ -12,8 +12,8 @@ from typing import Any
 
 import yaml
 
-from eval.errors import EvalError
 from eval.runner import GridRequest
+from trainer.errors import UserError
 from trainer.grid import FLOAT_BITS, Grid
 
 KEYS = (
@@ -35,13 +35,13 @@ DEFAULT_BITS = (FLOAT_BITS, 1)
 def load_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise EvalError(f"config: {str(path)!r} does not exist")
+        raise UserError(f"config: {str(path)!r} does not exist")
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(data, dict):
-        raise EvalError(f"config: {path} must be a mapping of keys {list(KEYS)}")
+        raise UserError(f"config: {path} must be a mapping of keys {list(KEYS)}")
     unknown = sorted(set(data) - set(KEYS))
     if unknown:
-        raise EvalError(f"config: {path} has unknown keys {unknown}; valid keys: {list(KEYS)}")
+        raise UserError(f"config: {path} has unknown keys {unknown}; valid keys: {list(KEYS)}")
     return data
 
 
@@ -68,7 +68,7 @@ def build_request(settings: dict[str, Any], num_layers: int, embedding_dim: int)
     """The request of merged settings; ``num_layers`` / ``embedding_dim`` fill the default grid."""
     for key in ("model", "tasks"):
         if not settings.get(key):
-            raise EvalError(f"{key}: missing; give --{key} or '{key}:' in the config")
+            raise UserError(f"{key}: missing; give --{key} or '{key}:' in the config")
     tasks = settings["tasks"]
     tasks = [tasks] if isinstance(tasks, str) else [str(t) for t in tasks]
     cells, layers, dims = settings.get("cells"), settings.get("layers"), settings.get("dims")
@@ -78,7 +78,7 @@ def build_request(settings: dict[str, Any], num_layers: int, embedding_dim: int)
     grid = Grid.from_spec(cells=cells, layers=layers, dims=dims, bits=settings.get("bits") or DEFAULT_BITS)
     rescore = int(settings.get("rescore") or 0)
     if rescore < 0:
-        raise EvalError(f"rescore: must be >= 0 (0 = off), got {rescore}")
+        raise UserError(f"rescore: must be >= 0 (0 = off), got {rescore}")
     output = Path(settings.get("output") or Path("results") / model_slug(str(settings["model"])))
     return GridRequest(
         model=str(settings["model"]),

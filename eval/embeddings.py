@@ -1,6 +1,6 @@
 """Every layer's embeddings of a task's texts from ONE encoding pass, cached on disk for resumed grids.
 
-Queries and documents are deduplicated and encoded once each with ``trainer.layers.encode_layers``, which
+Queries and documents are deduplicated and encoded once each with ``trainer.cell_vectors.encode_layers``, which
 pools every requested layer from the same forward pass. The cache file holds, per role (``query`` /
 ``doc``) and layer ``l``, a float32 (N, D) matrix ``<role>.L<l>``; its metadata stores the SHA-256 of the
 model identity, the prompts and the texts, and a file whose fingerprint differs is re-encoded.
@@ -20,7 +20,7 @@ from sentence_transformers import SentenceTransformer
 from torch import Tensor
 
 from eval.tasks import TaskTexts
-from trainer.layers import encode_layers
+from trainer.cell_vectors import encode_layers
 
 ROLES = ("query", "doc")
 

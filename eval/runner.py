@@ -27,11 +27,11 @@ from tqdm.auto import tqdm
 
 from eval.binary import check_codes, load_heads
 from eval.embeddings import load_or_encode
-from eval.errors import EvalError
 from eval.search import CellSearch
 from eval.tasks import resolve_task, task_texts
+from trainer.cell_vectors import embedding_dim, num_layers
+from trainer.errors import UserError
 from trainer.grid import Cell, Grid
-from trainer.layers import embedding_dim, num_layers
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -69,7 +69,7 @@ def load_model(model: str) -> SentenceTransformer:
     try:
         return SentenceTransformer(model, device="cpu" if not _has_cuda() else None)
     except (OSError, ValueError) as error:
-        raise EvalError(
+        raise UserError(
             f"model: cannot load {model!r} as a SentenceTransformer ({error}); "
             "give a checkpoint directory or a hub id that is in the local cache"
         ) from None
@@ -148,7 +148,7 @@ def run_grid(request: GridRequest, model: SentenceTransformer | None = None) -> 
     tasks = [resolve_task(spec) for spec in request.tasks]
     names = [task.metadata.name for task, _ in tasks]
     if len(set(names)) != len(names):
-        raise EvalError(f"tasks: {request.tasks} name the same task twice ({names})")
+        raise UserError(f"tasks: {request.tasks} name the same task twice ({names})")
     texts = {task.metadata.name: task_texts(task, split) for task, split in tasks}
 
     name, revision = model_identity(request.model)

@@ -22,9 +22,9 @@ from torch import Tensor
 
 from eval.binary import codes_for
 from eval.embeddings import LayerEmbeddings
-from trainer.codes import PackedCodes, inner_products
+from trainer.binary.codes import PackedCodes, inner_products
+from trainer.cell_vectors import cell_embedding
 from trainer.grid import Cell
-from trainer.layers import cell_embedding
 
 RESCORE_K = 100
 

@@ -20,8 +20,8 @@ from mteb.abstasks.retrieval import AbsTaskRetrieval
 from mteb.abstasks.task_metadata import TaskMetadata
 from mteb.types import PromptType
 
-from eval.errors import EvalError
 from trainer.beir import load_split
+from trainer.errors import UserError
 
 DEFAULT_SPLIT = "test"
 
@@ -97,7 +97,7 @@ class BeirFolderTask(AbsTaskRetrieval):
 
 
 def beir_task(folder: str | Path, split: str = DEFAULT_SPLIT) -> BeirFolderTask:
-    """The mteb task of ``folder``'s ``split``; DataError for a missing folder or split, or an empty corpus."""
+    """The mteb task of ``folder``'s ``split``; UserError for a missing folder or split, or an empty corpus."""
     folder = Path(folder)
     load_split(folder, split)  # validates now, before any result is written
     metadata = _metadata(folder.resolve().name, folder.resolve(), split, _folder_revision(folder, split))
@@ -116,7 +116,7 @@ def _mock_task(name: str) -> AbsTask:
     if task_class is None:
         names = [n for n in dir(mock_tasks) if n.startswith("Mock") and "Retrieval" in n]
         close = difflib.get_close_matches(name, names, n=3)
-        raise EvalError(f"tasks: unknown mock task {name!r}; did you mean {close or names[:3]}?")
+        raise UserError(f"tasks: unknown mock task {name!r}; did you mean {close or names[:3]}?")
     return task_class()
 
 
@@ -127,7 +127,7 @@ def _mteb_task(name: str) -> AbsTask:
         names = [t.metadata.name for t in mteb.get_tasks(task_types=["Retrieval"])]
         close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else "see `mteb.get_tasks(task_types=['Retrieval'])`"
-        raise EvalError(
+        raise UserError(
             f"tasks: unknown task {name!r}; {hint} (or give a local BEIR folder such as ../shared/data/cranfield:test)"
         ) from None
     return task
@@ -141,11 +141,11 @@ def resolve_task(spec: str) -> tuple[AbsTaskRetrieval, str]:
         return task, task.split_name
     task = _mock_task(name) if name.startswith("Mock") else _mteb_task(name)
     if not isinstance(task, AbsTaskRetrieval):
-        raise EvalError(f"tasks: {name!r} is a {task.metadata.type} task; only retrieval tasks are supported")
+        raise UserError(f"tasks: {name!r} is a {task.metadata.type} task; only retrieval tasks are supported")
     splits = list(task.metadata.eval_splits)
     split = split or (DEFAULT_SPLIT if DEFAULT_SPLIT in splits else splits[0])
     if split not in splits:
-        raise EvalError(f"tasks: {name} has no split {split!r}; available splits: {splits}")
+        raise UserError(f"tasks: {name} has no split {split!r}; available splits: {splits}")
     task.filter_eval_splits([split])
     return task, split
 
@@ -153,7 +153,7 @@ def resolve_task(spec: str) -> tuple[AbsTaskRetrieval, str]:
 def task_texts(task: AbsTaskRetrieval, split: str) -> TaskTexts:
     """Load the task and return its queries and documents exactly as mteb's dataloaders present them.
 
-    Raises EvalError for an empty corpus or no judged query.
+    Raises UserError for an empty corpus or no judged query.
     """
     from mteb._create_dataloaders import _retrieval_texts
 
@@ -162,13 +162,13 @@ def task_texts(task: AbsTaskRetrieval, split: str) -> TaskTexts:
     task.convert_v1_dataset_format_to_v2(num_proc=None)
     subsets = list(task.dataset)
     if len(subsets) != 1:
-        raise EvalError(f"tasks: {task.metadata.name} has subsets {subsets}; only single-subset tasks are supported")
+        raise UserError(f"tasks: {task.metadata.name} has subsets {subsets}; only single-subset tasks are supported")
     data = task.dataset[subsets[0]][split]
     corpus, queries = data["corpus"], data["queries"]
     if len(corpus) == 0:
-        raise EvalError(f"tasks: {task.metadata.name} split {split!r} has an empty corpus")
+        raise UserError(f"tasks: {task.metadata.name} split {split!r} has an empty corpus")
     if len(queries) == 0:
-        raise EvalError(f"tasks: {task.metadata.name} split {split!r} has no queries")
+        raise UserError(f"tasks: {task.metadata.name} split {split!r} has no queries")
     return TaskTexts(
         query_ids=[str(i) for i in queries["id"]],
         queries=list(_retrieval_texts(queries, PromptType.query)),

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from trainer.train import train_from_recipe
+from trainer.train.run import train_from_recipe
 
 
 def state_digest(model) -> str:

@@ -10,16 +10,17 @@ import torch
 import yaml
 from sentence_transformers import SentenceTransformer
 
-from trainer import publish as publish_module
+from trainer.binary.codes import PackedCodes
+from trainer.binary.heads import BinaryHeads
+from trainer.cell_vectors import cell_embedding, embed_layers
 from trainer.cli import main as cli
-from trainer.codes import CodeError, PackedCodes
-from trainer.elastic_model import load
-from trainer.export import export_cell
+from trainer.errors import UserError
 from trainer.grid import Cell
-from trainer.heads import BinaryHeads
-from trainer.layers import cell_embedding, embed_layers
-from trainer.manifest import MANIFEST_NAME
-from trainer.publish import PublishError, publish
+from trainer.serve import publish as publish_module
+from trainer.serve.export import export_cell
+from trainer.serve.manifest import MANIFEST_NAME
+from trainer.serve.model import load
+from trainer.serve.publish import publish
 
 TEXTS = ["lift of a wing in a slipstream", "boundary layer transition", "heat transfer at mach 6", "shock tubes"]
 
@@ -91,7 +92,7 @@ def test_cells_the_checkpoint_cannot_serve_are_refused(checkpoint, cell, error):
 
 
 def test_a_model_without_heads_serves_only_float_cells(tiny_model_path):
-    with pytest.raises(CodeError, match="has no binarization heads"):
+    with pytest.raises(UserError, match="has no binarization heads"):
         load(tiny_model_path).at("L2-D16-B1")
 
 
@@ -241,13 +242,13 @@ def test_upload_uses_one_commit_and_never_shows_the_token(checkpoint, grid_dir, 
 )
 def test_inconsistent_checkpoints_are_refused(checkpoint, tmp_path, damage, message):
     damage(checkpoint)
-    with pytest.raises(PublishError, match=message):
+    with pytest.raises(UserError, match=message):
         publish(checkpoint, "my-org/x", dry_run=tmp_path / "dry")
 
 
 def test_joint_training_writes_a_checkpoint_that_serves_every_cell(tiny_model_path, tmp_path):
-    from trainer.recipe import parse_recipe
-    from trainer.train import train
+    from trainer.train.recipe import parse_recipe
+    from trainer.train.run import train
 
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(f'{{"anchor": "question {i}", "positive": "answer {i}"}}\n' for i in range(32)))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trainer.codes import (
-    CodeError,
+from trainer.binary.codes import (
     PackedCodes,
+    UserError,
     cosine_scores,
     inner_products,
     quantized_baseline_scores,
@@ -57,23 +57,23 @@ def test_at_depth_is_the_prefix_of_planes():
     two = codes.at_depth(2)
     np.testing.assert_array_equal(two.unpack(), planes[:, :2])
     np.testing.assert_array_equal(two.to_float(), PackedCodes.from_planes(planes[:, :2]).to_float())
-    with pytest.raises(CodeError, match="depths 1..4"):
+    with pytest.raises(UserError, match="depths 1..4"):
         codes.at_depth(5)
-    with pytest.raises(CodeError, match="bits=0"):
+    with pytest.raises(UserError, match="bits=0"):
         codes.at_depth(0)
 
 
 def test_unpackable_dim_is_refused():
-    with pytest.raises(CodeError, match="multiple of 8"):
+    with pytest.raises(UserError, match="multiple of 8"):
         PackedCodes.from_planes(random_planes(2, 1, 12, seed=4))
-    with pytest.raises(CodeError, match="multiple of 8"):
+    with pytest.raises(UserError, match="multiple of 8"):
         quantized_baseline_scores(np.ones((2, 12)), np.ones((3, 12)), "ubinary")
 
 
 def test_mismatched_codes_are_refused():
     one = PackedCodes.from_planes(random_planes(2, 1, 16, seed=5))
     two = PackedCodes.from_planes(random_planes(2, 2, 16, seed=6))
-    with pytest.raises(CodeError, match="codes differ"):
+    with pytest.raises(UserError, match="codes differ"):
         inner_products(one, two)
 
 
@@ -100,5 +100,5 @@ def test_int8_baseline_ranks_like_float():
 
 
 def test_unknown_baseline_is_refused():
-    with pytest.raises(CodeError, match="'ubinary' or 'int8'"):
+    with pytest.raises(UserError, match="'ubinary' or 'int8'"):
         quantized_baseline_scores(np.ones((1, 8)), np.ones((1, 8)), "binary4")

@@ -12,7 +12,13 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.data_collator import BaseDataCollator
 
 from tests.conftest import MINILM
-from trainer.distill import (
+from trainer.errors import UserError
+from trainer.grid import Cell, Grid
+from trainer.train.losses.distill import DistillationLoss
+from trainer.train.losses.elastic import ElasticLoss
+from trainer.train.losses.infonce import InfoNCELoss
+from trainer.train.losses.matryoshka2d import CellSelection, Matryoshka2dLoss
+from trainer.train.teacher import (
     DATA_FILE,
     META_FILE,
     PROGRESS_FILE,
@@ -23,12 +29,6 @@ from trainer.distill import (
     model_revision,
     teacher_dim,
 )
-from trainer.errors import RecipeError
-from trainer.grid import Cell, Grid
-from trainer.losses.distill import DistillationLoss
-from trainer.losses.elastic import ElasticLoss
-from trainer.losses.infonce import InfoNCELoss
-from trainer.losses.matryoshka2d import CellSelection, Matryoshka2dLoss
 
 TEXTS = [f"sentence number {i} about {topic}" for i, topic in enumerate(["wings", "flow", "heat", "shock"] * 3)]
 
@@ -137,13 +137,13 @@ def test_model_revision_pins_hub_commit_and_local_files(tmp_path) -> None:
 
 def test_config_validation_names_key_and_value() -> None:
     assert DistillConfig(teacher="self").similarity_weight == 200.0
-    with pytest.raises(RecipeError, match=r"distill\.margin: -0\.1 .*>= 0"):
+    with pytest.raises(UserError, match=r"distill\.margin: -0\.1 .*>= 0"):
         DistillConfig(teacher="self", margin=-0.1)
-    with pytest.raises(RecipeError, match=r"distill\.teacher: ''"):
+    with pytest.raises(UserError, match=r"distill\.teacher: ''"):
         DistillConfig(teacher="")
-    with pytest.raises(RecipeError, match=r"distill\.batch_size: 0 .*positive integer"):
+    with pytest.raises(UserError, match=r"distill\.batch_size: 0 .*positive integer"):
         DistillConfig(teacher="self", batch_size=0)
-    with pytest.raises(RecipeError, match="all 0"):
+    with pytest.raises(UserError, match="all 0"):
         DistillConfig(teacher="self", cosine_weight=0, similarity_weight=0, relative_weight=0)
     assert DistillConfig(teacher="self").teacher_name(MINILM) == MINILM
     assert DistillConfig(teacher="other/model").teacher_name(MINILM) == "other/model"
@@ -157,9 +157,9 @@ def test_self_teacher_labels_feed_the_elastic_loss(tmp_path) -> None:
     labelled = add_teacher_labels(pairs, config, ["anchor", "positive"], MINILM)
     assert labelled.column_names == ["anchor", "positive", "label"]
     assert np.asarray(labelled[0]["label"]).shape == (2, 384)
-    with pytest.raises(RecipeError, match="already has a 'label'"):
+    with pytest.raises(UserError, match="already has a 'label'"):
         add_teacher_labels(labelled, config, ["anchor"], MINILM)
-    with pytest.raises(RecipeError, match="valid columns"):
+    with pytest.raises(UserError, match="valid columns"):
         add_teacher_labels(pairs, config, ["text"], MINILM)
 
     student = SentenceTransformer(MINILM, device="cpu")

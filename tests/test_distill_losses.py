@@ -9,14 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from trainer.grid import Cell
-from trainer.losses.distill import (
+from trainer.train.losses.distill import (
     PROJECTION_FILE,
     DistillationLoss,
     cosine_loss,
     relative_similarity_loss,
     similarity_loss,
 )
-from trainer.losses.elastic import CellBatch
+from trainer.train.losses.elastic import CellBatch
 
 
 def vectors_with_gram(gram: list[list[float]]) -> torch.Tensor:

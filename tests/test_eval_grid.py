@@ -18,7 +18,7 @@ from eval.cli import main
 from eval.runner import GridRequest, run_grid
 from eval.search import CellSearch
 from eval.tasks import resolve_task
-from trainer.codes import CodeError
+from trainer.errors import UserError
 from trainer.grid import Cell, Grid
 
 SHARED_CRANFIELD = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cranfield"
@@ -216,7 +216,7 @@ def test_bad_input_exits_2_with_one_message_and_keeps_results(tiny, tmp_path, ca
 def test_trained_heads_serve_multi_bit_cells_and_refuse_untrained_ones(tiny, tmp_path):
     import shutil
 
-    from trainer.heads import BinaryHeads
+    from trainer.binary.heads import BinaryHeads
 
     checkpoint, beir = tiny
     with_heads = tmp_path / "with-heads"
@@ -228,7 +228,7 @@ def test_trained_heads_serve_multi_bit_cells_and_refuse_untrained_ones(tiny, tmp
     assert all(0 <= results.scores["beir"][c]["ndcg_at_10"] <= 1 for c in grid.all_cells())
     for cells, bits, message in ((["L1-D8"], [1], "no binary head"), (["L1-D16"], [4], "serve depths")):
         request = GridRequest(str(with_heads), [f"{beir}:test"], Grid.from_spec(cells=cells, bits=bits), tmp_path / "o")
-        with pytest.raises(CodeError, match=message):
+        with pytest.raises(UserError, match=message):
             run_grid(request)
 
 

@@ -1,6 +1,7 @@
 import pytest
 
-from trainer.grid import FLOAT_BITS, Cell, Grid, GridError
+from trainer.errors import UserError
+from trainer.grid import FLOAT_BITS, Cell, Grid
 
 
 def test_cell_text_form_round_trips():
@@ -20,7 +21,7 @@ def test_bytes_per_vector():
 
 @pytest.mark.parametrize("text", ["L4D128", "L4-D128-B", "X4-D128", "L-1-D3", ""])
 def test_malformed_cells_are_refused(text):
-    with pytest.raises(GridError, match="is not a cell"):
+    with pytest.raises(UserError, match="is not a cell"):
         Cell.parse(text)
 
 
@@ -34,14 +35,14 @@ def test_malformed_cells_are_refused(text):
     ],
 )
 def test_impossible_cells_are_refused(text, message):
-    with pytest.raises(GridError, match=message):
+    with pytest.raises(UserError, match=message):
         Cell.parse(text)
 
 
 def test_cell_beyond_the_model_names_the_limit():
-    with pytest.raises(GridError, match="keeps 7 layers but the model has 6"):
+    with pytest.raises(UserError, match="keeps 7 layers but the model has 6"):
         Cell(7, 32).check_fits(6, 384)
-    with pytest.raises(GridError, match="keeps 512 dims but the model embeds in 384"):
+    with pytest.raises(UserError, match="keeps 512 dims but the model embeds in 384"):
         Cell(2, 512).check_fits(6, 384)
 
 
@@ -57,13 +58,13 @@ def test_grid_from_product_and_from_cells():
 
 
 def test_grid_validation_errors():
-    with pytest.raises(GridError, match="empty cell list"):
+    with pytest.raises(UserError, match="empty cell list"):
         Grid.from_spec(cells=[])
-    with pytest.raises(GridError, match="strictly increasing"):
+    with pytest.raises(UserError, match="strictly increasing"):
         Grid.from_spec(layers=[2, 4], dims=[64, 32])
-    with pytest.raises(GridError, match="duplicate"):
+    with pytest.raises(UserError, match="duplicate"):
         Grid.from_spec(cells=["L2-D32", "L2-D32"])
-    with pytest.raises(GridError, match="either 'cells' or 'layers'"):
+    with pytest.raises(UserError, match="either 'cells' or 'layers'"):
         Grid.from_spec(cells=["L2-D32"], layers=[2], dims=[32])
-    with pytest.raises(GridError, match="dims"):
+    with pytest.raises(UserError, match="dims"):
         Grid.from_spec(cells=["L2-D64", "L4-D32"]).check_nested()

@@ -7,14 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.codes import CodeError, cosine_scores, inner_products
-from trainer.errors import RecipeError
+from trainer.binary.codes import cosine_scores, inner_products
+from trainer.binary.heads import BinaryConfig, BinaryHeads, planes_from_floats, sign_ste
+from trainer.errors import UserError
 from trainer.grid import Cell, Grid
-from trainer.head_only import fit_heads, train_heads_only
-from trainer.heads import BinaryConfig, BinaryHeads, planes_from_floats, sign_ste
-from trainer.losses.binary import BinaryCodeLoss, EmbeddingToEmbeddingLoss
-from trainer.losses.elastic import CellBatch
-from trainer.losses.infonce import InfoNCELoss
+from trainer.train.head_only import fit_heads, train_heads_only
+from trainer.train.losses.binary import BinaryCodeLoss, EmbeddingToEmbeddingLoss
+from trainer.train.losses.elastic import CellBatch
+from trainer.train.losses.infonce import InfoNCELoss
 
 
 def unit(n: int, dim: int, seed: int = 0) -> torch.Tensor:
@@ -118,26 +118,26 @@ def test_dim_sharing_shares_heads_across_layers_and_cell_sharing_does_not():
     assert shared.head_for(Cell(2, 16)) is not shared.head_for(Cell(2, 32))
     per_cell = trained_like_heads(sharing="cell", layers=(2, 6))
     assert per_cell.head_for(Cell(2, 16)) is not per_cell.head_for(Cell(6, 16))
-    with pytest.raises(CodeError, match="L4-D16 has no binary head"):
+    with pytest.raises(UserError, match="L4-D16 has no binary head"):
         per_cell.head_for(Cell(4, 16))
 
 
 def test_invalid_requests_are_refused():
     heads = trained_like_heads()
     x = unit(4, 16)
-    with pytest.raises(CodeError, match=r"bits=3 was not trained: these heads serve depths \[1, 2, 4\]"):
+    with pytest.raises(UserError, match=r"bits=3 was not trained: these heads serve depths \[1, 2, 4\]"):
         heads.encode(x, Cell(1, 16, 3))
-    with pytest.raises(CodeError, match="not trained"):
+    with pytest.raises(UserError, match="not trained"):
         heads.check_depth(0)
-    with pytest.raises(CodeError, match="L1-D64 has no binary head"):
+    with pytest.raises(UserError, match="L1-D64 has no binary head"):
         heads.encode(unit(4, 64), Cell(1, 64, 1))
-    with pytest.raises(CodeError, match="needs embeddings of 16 dims"):
+    with pytest.raises(UserError, match="needs embeddings of 16 dims"):
         heads.encode_float(unit(4, 32), Cell(1, 16))
-    with pytest.raises(CodeError, match="multiple of 8"):
+    with pytest.raises(UserError, match="multiple of 8"):
         BinaryHeads([12], [1])
-    with pytest.raises(CodeError, match="not a valid depth"):
+    with pytest.raises(UserError, match="not a valid depth"):
         BinaryHeads([16], [0, 1])
-    with pytest.raises(CodeError, match="32 means float"):
+    with pytest.raises(UserError, match="32 means float"):
         BinaryHeads([16], [1, 32])
 
 
@@ -153,7 +153,7 @@ def test_save_and_load_round_trip(tmp_path):
         np.testing.assert_array_equal(
             loaded.encode(x, Cell(5, 32, bits)).packed, heads.encode(x, Cell(5, 32, bits)).packed
         )
-    with pytest.raises(CodeError, match="differ from these heads"):
+    with pytest.raises(UserError, match="differ from these heads"):
         BinaryHeads([16], [1]).load_state(tmp_path)
 
 
@@ -172,12 +172,12 @@ def test_save_and_load_round_trip(tmp_path):
     ],
 )
 def test_binary_config_errors_name_key_and_valid_values(overrides, message):
-    with pytest.raises(RecipeError, match=message):
+    with pytest.raises(UserError, match=message):
         BinaryConfig(**overrides)
 
 
 def test_binary_config_refuses_unpackable_grid_dims():
-    with pytest.raises(RecipeError, match="grid dim 20 cannot get binary codes"):
+    with pytest.raises(UserError, match="grid dim 20 cannot get binary codes"):
         BinaryConfig().check_dims([16, 20])
 
 
@@ -219,7 +219,7 @@ def test_binary_code_loss_weights_match_a_direct_computation():
 
 def test_binary_code_loss_refuses_untrained_depths_and_saves_its_heads(tmp_path):
     heads = BinaryHeads([16], [1, 2], hidden=24)
-    with pytest.raises(CodeError, match="bits=4 was not trained"):
+    with pytest.raises(UserError, match="bits=4 was not trained"):
         BinaryCodeLoss(heads, [1, 4], InfoNCELoss())
     loss = BinaryCodeLoss(heads, [1, 2], InfoNCELoss())
     loss.save_pretrained(tmp_path)
@@ -261,7 +261,7 @@ def test_fit_heads_learns_codes_that_preserve_neighbours():
 
 
 def test_train_heads_only_caches_embeddings_and_saves_heads(tiny_model, tmp_path, monkeypatch):
-    import trainer.head_only as head_only
+    import trainer.train.head_only as head_only
 
     texts = [f"sentence number {i} about topic {i % 3}" for i in range(24)]
     pairs = [(texts[0], texts[3]), (texts[1], "a new text only in pairs")]
@@ -285,10 +285,10 @@ def test_train_heads_only_caches_embeddings_and_saves_heads(tiny_model, tmp_path
 
 def test_train_heads_only_refusals(tiny_model, tmp_path):
     grid = Grid.from_spec(cells=["L4-D32"], bits=[1, 2])
-    with pytest.raises(RecipeError, match="binary.mode"):
+    with pytest.raises(UserError, match="binary.mode"):
         train_heads_only(tiny_model, ["a", "b"], None, grid, BinaryConfig(bits=[1, 2]), tmp_path)
-    with pytest.raises(RecipeError, match="differ from the grid's code bits"):
+    with pytest.raises(UserError, match="differ from the grid's code bits"):
         train_heads_only(tiny_model, ["a", "b"], None, grid, BinaryConfig(bits=[1], mode="head-only"), tmp_path)
     wide = Grid.from_spec(cells=["L4-D64"], bits=[1])
-    with pytest.raises(RecipeError, match="64 dims"):
+    with pytest.raises(UserError, match="64 dims"):
         train_heads_only(tiny_model, ["a", "b"], None, wide, BinaryConfig(bits=[1], mode="head-only"), tmp_path)

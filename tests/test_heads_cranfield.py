@@ -8,11 +8,11 @@ import torch
 
 from tests.conftest import MINILM, requires_shared_data
 from trainer.beir import load_split
-from trainer.codes import cosine_scores, sign_codes
+from trainer.binary.codes import cosine_scores, sign_codes
+from trainer.binary.heads import BinaryConfig
+from trainer.cell_vectors import cell_embedding
 from trainer.grid import Cell, Grid
-from trainer.head_only import cached_layer_embeddings, fit_heads
-from trainer.heads import BinaryConfig
-from trainer.layers import cell_embedding
+from trainer.train.head_only import cached_layer_embeddings, fit_heads
 
 
 def ndcg_at_10(scores: np.ndarray, query_ids: list[str], doc_ids: list[str], qrels: dict[str, dict[str, int]]):

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from trainer.cell_vectors import embed_layers
 from trainer.grid import Cell, Grid
-from trainer.layers import embed_layers
-from trainer.losses import CellBatch, CellSelection, ElasticLoss, InfoNCELoss, Matryoshka2dLoss
+from trainer.train.losses import CellBatch, CellSelection, ElasticLoss, InfoNCELoss, Matryoshka2dLoss
 
 
 def unit(rows):

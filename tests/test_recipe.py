@@ -6,9 +6,9 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, TINY_DIM, TINY_LAYERS
-from trainer import train as train_module
-from trainer.errors import RecipeError
-from trainer.recipe import apply_overrides, load_recipe, model_shape, parse_recipe
+from trainer.errors import UserError
+from trainer.train import run as train_module
+from trainer.train.recipe import apply_overrides, load_recipe, model_shape, parse_recipe
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def raw(tiny_model_path, pairs_file, tmp_path):
 
 
 def test_model_shape_reads_config_only(tiny_model_path):
-    from trainer.recipe import ModelConfig
+    from trainer.train.recipe import ModelConfig
 
     assert model_shape(ModelConfig(str(tiny_model_path))) == (TINY_LAYERS, TINY_DIM)
 
@@ -71,7 +71,7 @@ def test_overrides_reach_training_and_nested_keys(raw):
 )
 def test_bad_recipes_name_key_value_and_valid_values(raw, edit, message):
     edit(raw)
-    with pytest.raises(RecipeError, match=message):
+    with pytest.raises(UserError, match=message):
         parse_recipe(raw)
 
 
@@ -85,7 +85,7 @@ def _train_without_model(raw, monkeypatch):
 
 def test_missing_column_is_reported_before_loading_the_model(raw, monkeypatch):
     raw["data"]["train"][0]["columns"]["positive"] = "answer"
-    with pytest.raises(RecipeError, match=r"data.train\[0\].columns.positive: column 'answer' is not in the dataset"):
+    with pytest.raises(UserError, match=r"data.train\[0\].columns.positive: column 'answer' is not in the dataset"):
         _train_without_model(raw, monkeypatch)
 
 
@@ -98,7 +98,7 @@ def test_empty_dataset_is_reported_before_loading_the_model(raw, monkeypatch):
 def test_existing_output_dir_is_never_overwritten_silently(raw, monkeypatch, tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "model.safetensors").write_text("precious")
-    with pytest.raises(RecipeError, match="already holds a run; pass --resume_from_checkpoint true"):
+    with pytest.raises(UserError, match="already holds a run; pass --resume_from_checkpoint true"):
         _train_without_model(raw, monkeypatch)
     assert (tmp_path / "run" / "model.safetensors").read_text() == "precious"
 
@@ -121,6 +121,6 @@ def test_shipped_recipes_parse():
             continue
         try:
             load_recipe(path)
-        except RecipeError as error:
+        except UserError as error:
             # Hub-only recipes cannot read their model config offline; everything else must parse.
             assert "cannot read" in str(error), f"{path.name}: {error}"

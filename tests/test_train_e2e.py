@@ -12,8 +12,8 @@ import yaml
 from sentence_transformers import SentenceTransformer
 
 from tests.conftest import MINILM, REPO, requires_shared_data
-from trainer.recipe import parse_recipe
-from trainer.train import train
+from trainer.train.recipe import parse_recipe
+from trainer.train.run import train
 
 pytestmark = pytest.mark.slow
 CELLS = ["L1-D32", "L2-D64", "L4-D128", "L6-D384"]

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from trainer.recipe import parse_recipe
-from trainer.train import train
+from trainer.train.recipe import parse_recipe
+from trainer.train.run import train
 
 
 @pytest.fixture

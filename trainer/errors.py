@@ -1,5 +1,34 @@
-"""User-facing errors: the CLI prints their message on one line and exits with code 2."""
+"""The one error path of every command line: a user mistake is one line on stderr and exit code 2.
+
+Code anywhere in the project raises ``UserError`` for input a user can fix (a recipe key, a flag, a data
+file, a checkpoint); the message names the file or key, the value and what would be valid. ``run_cli``
+turns it into ``error: <message>`` and exit code 2; any other exception is a bug and keeps its traceback.
+Ctrl-C prints one line saying what was kept and how to resume, and exits with 130 like a shell does.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+INTERRUPTED_EXIT = 130
 
 
-class RecipeError(ValueError):
-    """A recipe that cannot run; the message names the key, the bad value and what is valid."""
+class UserError(ValueError):
+    """Input that cannot be used as given; the message says where it is, what it is and what is valid."""
+
+
+def one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+def run_cli(command: Callable[[], None], on_interrupt: str = "interrupted; nothing was lost") -> None:
+    """Run ``command``; a ``UserError`` becomes ``error: ...`` and exit 2, Ctrl-C ``on_interrupt`` and exit 130."""
+    try:
+        command()
+    except UserError as error:
+        print(f"error: {one_line(str(error))}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(f"interrupted: {one_line(on_interrupt)}", file=sys.stderr)
+        raise SystemExit(INTERRUPTED_EXIT) from None

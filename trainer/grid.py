@@ -12,13 +12,11 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from trainer.errors import UserError
+
 FLOAT_BITS = 32
 MAX_CODE_BITS = 16
 _CELL_PATTERN = re.compile(r"^L(\d+)-D(\d+)(?:-B(\d+))?$", re.IGNORECASE)
-
-
-class GridError(ValueError):
-    """A cell or grid that cannot exist; the message names the key, the value and what is valid."""
 
 
 @dataclass(frozen=True, order=True)
@@ -31,11 +29,11 @@ class Cell:
 
     def __post_init__(self) -> None:
         if self.layers < 1:
-            raise GridError(f"cell {self}: layers must be >= 1, got {self.layers}")
+            raise UserError(f"cell {self}: layers must be >= 1, got {self.layers}")
         if self.dim < 1:
-            raise GridError(f"cell {self}: dim must be >= 1, got {self.dim}")
+            raise UserError(f"cell {self}: dim must be >= 1, got {self.dim}")
         if not (1 <= self.bits <= MAX_CODE_BITS or self.bits == FLOAT_BITS):
-            raise GridError(
+            raise UserError(
                 f"cell {self}: bits must be 1..{MAX_CODE_BITS} (binary codes) or {FLOAT_BITS} (float), got {self.bits}"
             )
 
@@ -49,7 +47,7 @@ class Cell:
             return text
         match = _CELL_PATTERN.match(str(text).strip())
         if match is None:
-            raise GridError(
+            raise UserError(
                 f"{key}: {text!r} is not a cell; expected the form L<layers>-D<dims>[-B<bits>], e.g. L4-D128-B1"
             )
         layers, dim, bits = match.groups()
@@ -73,13 +71,13 @@ class Cell:
         return Cell(self.layers, self.dim, bits)
 
     def check_fits(self, num_layers: int, embedding_dim: int, key: str = "cell") -> None:
-        """Raise GridError when the cell asks for more layers or dims than the model has."""
+        """Raise UserError when the cell asks for more layers or dims than the model has."""
         if self.layers > num_layers:
-            raise GridError(
+            raise UserError(
                 f"{key}: {self} keeps {self.layers} layers but the model has {num_layers} (valid: 1..{num_layers})"
             )
         if self.dim > embedding_dim:
-            raise GridError(
+            raise UserError(
                 f"{key}: {self} keeps {self.dim} dims but the model embeds in {embedding_dim} "
                 f"(valid: 1..{embedding_dim})"
             )
@@ -88,9 +86,9 @@ class Cell:
 def _strictly_increasing(values: Sequence[int], key: str) -> tuple[int, ...]:
     values = tuple(int(v) for v in values)
     if not values:
-        raise GridError(f"{key}: empty list; give at least one value")
+        raise UserError(f"{key}: empty list; give at least one value")
     if any(b <= a for a, b in itertools.pairwise(values)):
-        raise GridError(f"{key}: {list(values)} must be strictly increasing, e.g. [32, 64, 128]")
+        raise UserError(f"{key}: {list(values)} must be strictly increasing, e.g. [32, 64, 128]")
     return values
 
 
@@ -103,11 +101,11 @@ class Grid:
 
     def __post_init__(self) -> None:
         if not self.cells:
-            raise GridError("cells: empty cell list; give at least one cell, e.g. [L6-D384]")
+            raise UserError("cells: empty cell list; give at least one cell, e.g. [L6-D384]")
         if len(set(self.cells)) != len(self.cells):
-            raise GridError(f"cells: duplicate cells in {[str(c) for c in self.cells]}")
+            raise UserError(f"cells: duplicate cells in {[str(c) for c in self.cells]}")
         if any(not c.is_float for c in self.cells):
-            raise GridError("cells: list (layer, dim) cells as L<layers>-D<dims>; give bit depths under 'bits'")
+            raise UserError("cells: list (layer, dim) cells as L<layers>-D<dims>; give bit depths under 'bits'")
         for b in self.bits:
             Cell(1, 1, b)  # validates the depth
 
@@ -121,7 +119,7 @@ class Grid:
     ) -> Grid:
         """Either an explicit cell list (``"L4-D128"`` or ``[4, 128]``) or the product ``layers x dims``."""
         if cells is not None and (layers is not None or dims is not None):
-            raise GridError("cells: give either 'cells' or 'layers' and 'dims', not both")
+            raise UserError("cells: give either 'cells' or 'layers' and 'dims', not both")
         if cells is not None:
             parsed = tuple(_cell_from_item(item) for item in cells)
         elif layers is not None and dims is not None:
@@ -129,7 +127,7 @@ class Grid:
             dims = _strictly_increasing(dims, "dims")
             parsed = tuple(Cell(layer, dim) for layer in layers for dim in dims)
         else:
-            raise GridError("cells: no cells given; set 'cells' (e.g. [L2-D32, L6-D384]) or both 'layers' and 'dims'")
+            raise UserError("cells: no cells given; set 'cells' (e.g. [L2-D32, L6-D384]) or both 'layers' and 'dims'")
         bit_depths = tuple(sorted(set(int(b) for b in bits))) if bits else (FLOAT_BITS,)
         return cls(parsed, bit_depths)
 
@@ -170,4 +168,4 @@ def _cell_from_item(item: str | Sequence[int] | Cell) -> Cell:
         return Cell.parse(item, key="cells")
     if isinstance(item, Sequence) and len(item) == 2:
         return Cell(int(item[0]), int(item[1]))
-    raise GridError(f"cells: {item!r} is not a cell; use 'L4-D128' or [4, 128]")
+    raise UserError(f"cells: {item!r} is not a cell; use 'L4-D128' or [4, 128]")

@@ -8,10 +8,10 @@ from accelerate.utils import extract_model_from_parallel
 from sentence_transformers import SentenceTransformer
 from torch import Tensor, nn
 
+from trainer.binary.heads import BinaryHeads
+from trainer.cell_vectors import cell_embedding, embed_layers
 from trainer.grid import Cell
-from trainer.heads import BinaryHeads
-from trainer.layers import cell_embedding, embed_layers
-from trainer.losses.matryoshka2d import CellSelection
+from trainer.train.losses.matryoshka2d import CellSelection
 
 
 @dataclass
@@ -36,7 +36,7 @@ class ElasticLoss(nn.Module):
     """Sum of loss terms over the cells of a step, all from ONE forward pass of the model per input column.
 
     The transformer runs once per column with ``output_hidden_states``; each layer is pooled with the
-    model's own pooling and each dim is a re-normalised prefix (see ``trainer.layers``). With ``heads``,
+    model's own pooling and each dim is a re-normalised prefix (see ``trainer.cell_vectors``). With ``heads``,
     each cell's codes at ``bits`` are computed once here and shared by the terms. Each term returns a dict
     of named, already weighted components (``loss/L4-D128``, ``kl/L4-D128``, ...); the Trainer sums them
     and logs each name.

@@ -11,9 +11,9 @@ from typing import Any
 
 from sentence_transformers import SentenceTransformer
 
+from trainer.cell_vectors import embedding_dim, num_layers
 from trainer.grid import Grid
-from trainer.layers import embedding_dim, num_layers
-from trainer.recipe import Recipe
+from trainer.train.recipe import Recipe
 
 MANIFEST_NAME = "elastic_manifest.json"
 FORMAT_VERSION = 1

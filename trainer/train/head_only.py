@@ -2,8 +2,8 @@
 
 BEBR's task-agnostic "embedding-to-embedding" training (Gan et al., KDD 2023): the encoder is never
 updated, so every layer embedding of every raw text is computed once (one pass per text, all layers, see
-``trainer.layers.encode_layers``), cached on disk, and only the heads learn from it
-(``trainer.losses.binary.EmbeddingToEmbeddingLoss``). Works on any sentence-transformers model, including
+``trainer.cell_vectors.encode_layers``), cached on disk, and only the heads learn from it
+(``trainer.train.losses.binary.EmbeddingToEmbeddingLoss``). Works on any sentence-transformers model, including
 ones this project did not train, e.g. ``sentence-transformers/all-MiniLM-L6-v2`` as is.
 """
 
@@ -19,11 +19,11 @@ import torch
 from sentence_transformers import SentenceTransformer
 from torch import Tensor
 
-from trainer.errors import RecipeError
+from trainer.binary.heads import BinaryConfig, BinaryHeads
+from trainer.cell_vectors import cell_embedding, embedding_dim, encode_layers, num_layers, transformer_config
+from trainer.errors import UserError
 from trainer.grid import Cell, Grid
-from trainer.heads import BinaryConfig, BinaryHeads
-from trainer.layers import cell_embedding, embedding_dim, encode_layers, num_layers, transformer_config
-from trainer.losses.binary import EmbeddingToEmbeddingLoss
+from trainer.train.losses.binary import EmbeddingToEmbeddingLoss
 
 logger = logging.getLogger(__name__)
 
@@ -57,16 +57,16 @@ def cached_layer_embeddings(
 
 def _check(model: SentenceTransformer, grid: Grid, config: BinaryConfig) -> None:
     if config.mode != "head-only":
-        raise RecipeError(f"binary.mode: {config.mode!r}; head-only training needs binary.mode: head-only")
+        raise UserError(f"binary.mode: {config.mode!r}; head-only training needs binary.mode: head-only")
     if grid.code_bits and tuple(grid.code_bits) != tuple(config.bits):
-        raise RecipeError(
+        raise UserError(
             f"binary.bits: {config.bits} differ from the grid's code bits {list(grid.code_bits)}; make them equal"
         )
     config.check_dims(grid.dims)
     try:
         grid.check_fits(num_layers(model), embedding_dim(model))
     except ValueError as error:
-        raise RecipeError(str(error)) from error
+        raise UserError(str(error)) from error
 
 
 def train_heads_only(
@@ -90,7 +90,7 @@ def train_heads_only(
     if config.max_texts is not None and len(unique) > config.max_texts:
         unique = generator.sample(unique, config.max_texts)
     if len(unique) < 2:
-        raise RecipeError(f"binary head-only training needs at least 2 distinct texts, got {len(unique)}")
+        raise UserError(f"binary head-only training needs at least 2 distinct texts, got {len(unique)}")
     index = {text: i for i, text in enumerate(unique)}
     pair_index = torch.tensor([(index[a], index[p]) for a, p in pairs if a in index and p in index], dtype=torch.long)
 

@@ -2,7 +2,7 @@
 
 sentence-transformers imports a module outside its own namespace only with ``trust_remote_code=True``,
 so an exported binary cell loads with ``SentenceTransformer(dir, trust_remote_code=True)`` wherever this
-package is installed. Float cells need no custom module (see ``trainer.export``).
+package is installed. Float cells need no custom module (see ``trainer.serve.export``).
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from sentence_transformers.base.modules import Module
 from torch import Tensor
 
-from trainer.heads import RecurrentBinarizer
+from trainer.binary.heads import RecurrentBinarizer
 
 
 class BinaryCodeHead(Module):
     """A recurrent binarization head at one depth; outputs the code's float form ``e_{bits-1}``.
 
-    The float form ``sum_i 2^-i b_i`` carries the code exactly (``trainer.heads.planes_from_floats``
+    The float form ``sum_i 2^-i b_i`` carries the code exactly (``trainer.binary.heads.planes_from_floats``
     recovers the planes), and cosine of float forms is the code score used everywhere in this project.
     The module always runs its head in eval mode (BatchNorm running statistics), as at serving time.
     """

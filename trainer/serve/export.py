@@ -17,11 +17,11 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules import Dense, Normalize
 from torch import nn
 
-from trainer.elastic_model import load
-from trainer.errors import RecipeError
+from trainer.binary.module import BinaryCodeHead
+from trainer.cell_vectors import embedding_dim, keep_layers
+from trainer.errors import UserError
 from trainer.grid import Cell
-from trainer.layers import embedding_dim, keep_layers
-from trainer.st_modules import BinaryCodeHead
+from trainer.serve.model import load
 
 EXPORT_INFO = "elastic_cell.json"
 
@@ -35,7 +35,7 @@ def prefix_modules(width: int, dim: int) -> list[nn.Module]:
 def export_cell(checkpoint: str | Path, cell: str | Cell, out: str | Path, overwrite: bool = False) -> Path:
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise RecipeError(f"--out: {str(out)!r} is not empty; choose a new folder or pass --overwrite")
+        raise UserError(f"--out: {str(out)!r} is not empty; choose a new folder or pass --overwrite")
     elastic = load(checkpoint)
     cell = elastic.check_cell(Cell.parse(cell, key="--cell"))
     model = elastic.model

@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
-from trainer.errors import RecipeError
-from trainer.grid import Cell, Grid, GridError
+from trainer.errors import UserError
+from trainer.grid import Cell, Grid
 
 LOSS_TYPES = ("starbucks", "2dmse", "grid")
 OUR_TRAINING_KEYS = ("overwrite_output_dir",)
@@ -34,15 +34,15 @@ def build_section(cls: type, values: Any, key: str):
     if values is None:
         values = {}
     if not isinstance(values, dict):
-        raise RecipeError(f"{key}: expected a mapping of settings, got {values!r}")
+        raise UserError(f"{key}: expected a mapping of settings, got {values!r}")
     valid = [f.name for f in dataclasses.fields(cls)]
     for name in values:
         if name not in valid:
-            raise RecipeError(f"{key}.{name}: unknown key{_close(name, valid)}; valid keys: {', '.join(valid)}")
+            raise UserError(f"{key}.{name}: unknown key{_close(name, valid)}; valid keys: {', '.join(valid)}")
     try:
         return cls(**values)
     except TypeError as error:  # a missing required field
-        raise RecipeError(f"{key}: {error}; valid keys: {', '.join(valid)}") from None
+        raise UserError(f"{key}: {error}; valid keys: {', '.join(valid)}") from None
 
 
 @dataclass
@@ -82,9 +82,9 @@ class SourceConfig:
     def __post_init__(self) -> None:
         given = [k for k in ("beir", "hub", "path", "texts") if getattr(self, k)]
         if len(given) != 1:
-            raise RecipeError(f"data source {self.label}: give exactly one of beir, hub, path, texts (got {given})")
+            raise UserError(f"data source {self.label}: give exactly one of beir, hub, path, texts (got {given})")
         if self.max_samples is not None and self.max_samples < 1:
-            raise RecipeError(f"data source {self.label}: max_samples must be >= 1, got {self.max_samples}")
+            raise UserError(f"data source {self.label}: max_samples must be >= 1, got {self.max_samples}")
 
     @property
     def label(self) -> str:
@@ -122,16 +122,16 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         if self.type not in LOSS_TYPES:
-            raise RecipeError(f"loss.type: {self.type!r} is not a loss; valid: {', '.join(LOSS_TYPES)}")
+            raise UserError(f"loss.type: {self.type!r} is not a loss; valid: {', '.join(LOSS_TYPES)}")
         for name in ("scale", "kl_temperature"):
             if getattr(self, name) <= 0:
-                raise RecipeError(f"loss.{name}: must be > 0, got {getattr(self, name)}")
+                raise UserError(f"loss.{name}: must be > 0, got {getattr(self, name)}")
         for name in ("contrastive_weight", "kl_weight"):
             if getattr(self, name) < 0:
-                raise RecipeError(f"loss.{name}: must be >= 0, got {getattr(self, name)}")
+                raise UserError(f"loss.{name}: must be >= 0, got {getattr(self, name)}")
         for name in ("n_layers_per_step", "n_dims_per_step"):
             if getattr(self, name) < 1:
-                raise RecipeError(f"loss.{name}: must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"loss.{name}: must be >= 1, got {getattr(self, name)}")
 
     def grid(self, num_layers: int, embedding_dim: int) -> Grid:
         """The cells to train, checked against the model's depth and width."""
@@ -145,9 +145,9 @@ class LossConfig:
             grid.check_fits(num_layers, embedding_dim)
             for name in self.cell_weights:
                 if Cell.parse(name, key="loss.cell_weights") not in grid.cells:
-                    raise GridError(f"loss.cell_weights: {name} is not one of the trained cells")
-        except GridError as error:
-            raise RecipeError(f"loss.{error}") from None
+                    raise UserError(f"loss.cell_weights: {name} is not one of the trained cells")
+        except UserError as error:
+            raise UserError(f"loss.{error}") from None
         return grid
 
 
@@ -157,8 +157,8 @@ class Recipe:
     data: DataConfig
     loss: LossConfig
     training: dict[str, Any]
-    binary: Any = None  # trainer.heads.BinaryConfig
-    distill: Any = None  # trainer.distill.DistillConfig
+    binary: Any = None  # trainer.binary.heads.BinaryConfig
+    distill: Any = None  # trainer.train.teacher.DistillConfig
     path: str = ""
 
     @property
@@ -178,18 +178,18 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     while tokens:
         token = tokens.pop(0)
         if not token.startswith("--"):
-            raise RecipeError(f"command line: expected --key value, got {token!r}")
+            raise UserError(f"command line: expected --key value, got {token!r}")
         key, _, value = token[2:].partition("=")
         if not _:
             if not tokens or tokens[0].startswith("--"):
-                raise RecipeError(f"command line: --{key} needs a value")
+                raise UserError(f"command line: --{key} needs a value")
             value = tokens.pop(0)
         path = key.split(".") if "." in key else ["training", key]
         target = raw
         for part in path[:-1]:
             target = target.setdefault(part, {})
             if not isinstance(target, dict):
-                raise RecipeError(f"command line: --{key}: {part} is not a section")
+                raise UserError(f"command line: --{key}: {part} is not a section")
         target[path[-1]] = parse_value(value)
     return raw
 
@@ -230,8 +230,8 @@ def _read_model_json(name: str, filename: str, revision: str | None) -> dict | N
         raise _unreadable(name, error) from None
 
 
-def _unreadable(name: str, error: Exception) -> RecipeError:
-    return RecipeError(
+def _unreadable(name: str, error: Exception) -> UserError:
+    return UserError(
         f"model.name: cannot read config.json of {name!r} ({type(error).__name__}); offline, run `make models` "
         "or give a local sentence-transformers folder"
     )
@@ -241,7 +241,7 @@ def model_shape(model: ModelConfig) -> tuple[int, int]:
     """(transformer layers, sentence-embedding dim) from the model's config files, without loading weights."""
     config = _read_model_json(model.name, "config.json", model.revision)
     if config is None or "num_hidden_layers" not in config:
-        raise RecipeError(f"model.name: {model.name!r} has no config.json with num_hidden_layers")
+        raise UserError(f"model.name: {model.name!r} has no config.json with num_hidden_layers")
     dim = config.get("hidden_size")
     for module in _read_model_json(model.name, "modules.json", model.revision) or []:
         if module.get("type", "").endswith("Dense"):
@@ -253,18 +253,18 @@ def model_shape(model: ModelConfig) -> tuple[int, int]:
 def parse_recipe(raw: dict[str, Any], path: str = "") -> Recipe:
     """Build and validate a recipe from its mapping; reads model config files but loads no weights."""
     if not isinstance(raw, dict):
-        raise RecipeError(f"{path or 'recipe'}: expected a YAML mapping at the top level")
+        raise UserError(f"{path or 'recipe'}: expected a YAML mapping at the top level")
     sections = [f.name for f in dataclasses.fields(Recipe) if f.name != "path"]
     for name in raw:
         if name not in sections:
-            raise RecipeError(f"{name}: unknown section{_close(name, sections)}; valid sections: {', '.join(sections)}")
+            raise UserError(f"{name}: unknown section{_close(name, sections)}; valid sections: {', '.join(sections)}")
     for name in ("model", "data", "training"):
         if name not in raw:
-            raise RecipeError(f"{name}: missing section; a recipe needs model, data and training")
+            raise UserError(f"{name}: missing section; a recipe needs model, data and training")
     model = build_section(ModelConfig, raw["model"], "model")
     data_raw = raw["data"] if isinstance(raw["data"], dict) else {}
     if not data_raw.get("train"):
-        raise RecipeError("data.train: no training data; list at least one source (beir, hub, path or texts)")
+        raise UserError("data.train: no training data; list at least one source (beir, hub, path or texts)")
     data = build_section(DataConfig, data_raw, "data")
     data.train = [build_section(SourceConfig, s, f"data.train[{i}]") for i, s in enumerate(data.train)]
     if data.eval:
@@ -273,18 +273,18 @@ def parse_recipe(raw: dict[str, Any], path: str = "") -> Recipe:
     training = _check_training(raw["training"])
     binary = distill = None
     if raw.get("binary") is not None:
-        from trainer.heads import BinaryConfig
+        from trainer.binary.heads import BinaryConfig
 
         binary = build_section(BinaryConfig, raw["binary"], "binary")
     if raw.get("distill") is not None:
-        from trainer.distill import DistillConfig
+        from trainer.train.teacher import DistillConfig
 
         distill = build_section(DistillConfig, raw["distill"], "distill")
     if loss.contrastive_weight == 0 and distill is None and binary is None:
-        raise RecipeError("loss.contrastive_weight: 0 leaves nothing to train; add a distill or binary section")
+        raise UserError("loss.contrastive_weight: 0 leaves nothing to train; add a distill or binary section")
     label_free = [s.label for s in data.train if s.texts]
     if label_free and distill is None and (binary is None or binary.mode != "head-only"):
-        raise RecipeError(f"data.train: {label_free} are label-free texts; they need a distill section to train on")
+        raise UserError(f"data.train: {label_free} are label-free texts; they need a distill section to train on")
     recipe = Recipe(model, data, loss, training, binary, distill, path)
     num_layers, embedding_dim = model_shape(model)
     grid = loss.grid(num_layers, embedding_dim)
@@ -295,25 +295,25 @@ def parse_recipe(raw: dict[str, Any], path: str = "") -> Recipe:
 
 def _check_training(training: Any) -> dict[str, Any]:
     if not isinstance(training, dict):
-        raise RecipeError(f"training: expected a mapping of SentenceTransformerTrainingArguments, got {training!r}")
+        raise UserError(f"training: expected a mapping of SentenceTransformerTrainingArguments, got {training!r}")
     valid = sorted(_training_fields() | set(OUR_TRAINING_KEYS))
     for name in training:
         if name not in valid:
-            raise RecipeError(
+            raise UserError(
                 f"training.{name}: unknown key{_close(name, valid)}; valid keys are the fields of "
                 "SentenceTransformerTrainingArguments plus overwrite_output_dir"
             )
     if not training.get("output_dir"):
-        raise RecipeError("training.output_dir: missing; say where checkpoints go, e.g. runs/my-model")
+        raise UserError("training.output_dir: missing; say where checkpoints go, e.g. runs/my-model")
     return {k: v if not isinstance(v, str) or as_number(v) is None else as_number(v) for k, v in training.items()}
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(f"recipe: {str(path)!r} does not exist; see configs/ for examples")
+        raise UserError(f"recipe: {str(path)!r} does not exist; see configs/ for examples")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
-        raise RecipeError(f"recipe: {path} is not valid YAML: {error}") from None
+        raise UserError(f"recipe: {path} is not valid YAML: {error}") from None
     return parse_recipe(apply_overrides(raw, overrides or []), str(path))

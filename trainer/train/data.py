@@ -11,9 +11,8 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict, load_dataset
 
 from trainer import beir
-from trainer.beir import DataError
-from trainer.errors import RecipeError
-from trainer.recipe import SourceConfig
+from trainer.errors import UserError
+from trainer.train.recipe import SourceConfig
 
 PAIR_COLUMNS = ("anchor", "positive")
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".tsv": "csv"}
@@ -23,7 +22,7 @@ def _check_columns(columns: list[str], where: str) -> None:
     if columns == ["text"]:
         return
     if list(columns[:2]) != list(PAIR_COLUMNS) or any(not c.startswith("negative") for c in columns[2:]):
-        raise RecipeError(
+        raise UserError(
             f"{where}.columns: got {columns}; training columns are anchor, positive and optional negative, "
             "negative_2, ... (or a single text column for label-free distillation)"
         )
@@ -32,7 +31,7 @@ def _check_columns(columns: list[str], where: str) -> None:
 def _from_table(dataset: Dataset, source: SourceConfig, where: str) -> Dataset:
     if source.score_column is not None:
         if source.score_column not in dataset.column_names:
-            raise RecipeError(
+            raise UserError(
                 f"{where}.score_column: {source.score_column!r} is not a column; available: {dataset.column_names}"
             )
         threshold = source.min_score if source.min_score is not None else float("-inf")
@@ -40,7 +39,7 @@ def _from_table(dataset: Dataset, source: SourceConfig, where: str) -> Dataset:
     mapping = source.columns or {name: name for name in dataset.column_names if name in (*PAIR_COLUMNS, "text")}
     for ours, theirs in mapping.items():
         if theirs not in dataset.column_names:
-            raise RecipeError(
+            raise UserError(
                 f"{where}.columns.{ours}: column {theirs!r} is not in the dataset; available: {dataset.column_names}"
             )
     _check_columns(list(mapping), where)
@@ -51,10 +50,10 @@ def _from_table(dataset: Dataset, source: SourceConfig, where: str) -> Dataset:
 def _load_file(path: str, where: str) -> Dataset:
     file = Path(path)
     if not file.is_file():
-        raise DataError(f"{where}.path: {path!r} does not exist. {beir.SHARED_DATA_HINT}")
+        raise UserError(f"{where}.path: {path!r} does not exist. {beir.SHARED_DATA_HINT}")
     kind = FILE_FORMATS.get(file.suffix)
     if kind is None:
-        raise RecipeError(f"{where}.path: {path!r} has an unknown format; valid: {', '.join(FILE_FORMATS)}")
+        raise UserError(f"{where}.path: {path!r} has an unknown format; valid: {', '.join(FILE_FORMATS)}")
     options = {"delimiter": "\t"} if file.suffix == ".tsv" else {}
     return load_dataset(kind, data_files=str(file), split="train", **options)
 
@@ -63,7 +62,7 @@ def _load_hub(source: SourceConfig, where: str) -> Dataset:
     try:
         return load_dataset(source.hub, source.subset, split=source.split)
     except Exception as error:  # datasets raises many types (connection, missing split, ...)
-        raise DataError(f"{where}.hub: cannot load {source.hub!r} split {source.split!r}: {error}") from None
+        raise UserError(f"{where}.hub: cannot load {source.hub!r} split {source.split!r}: {error}") from None
 
 
 def load_source(source: SourceConfig, where: str = "data.train[0]") -> Dataset:
@@ -81,7 +80,7 @@ def load_source(source: SourceConfig, where: str = "data.train[0]") -> Dataset:
     if source.max_samples is not None and len(dataset) > source.max_samples:
         dataset = dataset.shuffle(seed=0).select(range(source.max_samples))
     if len(dataset) == 0:
-        raise DataError(f"{where}: source {source.label!r} gives an empty dataset")
+        raise UserError(f"{where}: source {source.label!r} gives an empty dataset")
     return dataset
 
 

@@ -16,11 +16,12 @@ import torch.nn.functional as F
 from huggingface_hub import snapshot_download
 from sentence_transformers import SentenceTransformer
 
-from trainer.codes import CodeError, PackedCodes
+from trainer.binary.codes import PackedCodes
+from trainer.binary.heads import BinaryHeads
+from trainer.cell_vectors import early_exit, embedding_dim, num_layers
+from trainer.errors import UserError
 from trainer.grid import Cell
-from trainer.heads import BinaryHeads
-from trainer.layers import early_exit, embedding_dim, num_layers
-from trainer.manifest import read_manifest
+from trainer.serve.manifest import read_manifest
 
 
 @dataclass
@@ -36,7 +37,7 @@ class ElasticModel:
         if cell.is_float:
             return cell
         if self.heads is None:
-            raise CodeError(f"{cell}: {self.path} has no binarization heads, so only B32 (float) cells exist")
+            raise UserError(f"{cell}: {self.path} has no binarization heads, so only B32 (float) cells exist")
         self.heads.check_serves(cell)
         return cell
 

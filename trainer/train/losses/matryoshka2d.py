@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Literal
 from torch import Tensor, nn
 
 from trainer.grid import Cell, Grid
-from trainer.losses.infonce import InfoNCELoss, score_kl
+from trainer.train.losses.infonce import InfoNCELoss, score_kl
 
 if TYPE_CHECKING:
-    from trainer.losses.elastic import CellBatch
+    from trainer.train.losses.elastic import CellBatch
 
 Mode = Literal["starbucks", "2dmse", "grid"]
 

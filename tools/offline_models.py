@@ -112,3 +112,7 @@ def seed(model: OfflineModel, cache_dir: Path | None = None) -> Path:
 def main() -> None:
     for model in MODELS:
         print(f"{model.repo_id}: {seed(model)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -17,14 +17,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
-class CodeError(ValueError):
-    """An impossible request on codes (bad depth, unpackable dim)."""
+from trainer.errors import UserError
 
 
 def check_packable(dim: int) -> None:
     if dim % 8:
-        raise CodeError(
+        raise UserError(
             f"dim {dim} is not a multiple of 8: numpy.packbits would pad each plane with zero bits (read as -1), "
             "so binary cells need dims divisible by 8, e.g. 32, 64, 128"
         )
@@ -58,7 +56,7 @@ class PackedCodes:
         """``planes``: (N, bits, dim), positive entries are +1 bits, the rest -1."""
         planes = np.asarray(planes) > 0
         if planes.ndim != 3:
-            raise CodeError(f"planes must have shape (N, bits, dim), got {planes.shape}")
+            raise UserError(f"planes must have shape (N, bits, dim), got {planes.shape}")
         check_packable(planes.shape[2])
         floats = np.einsum("nbm,b->nm", planes * 2.0 - 1.0, plane_weights(planes.shape[1]))
         norms = np.linalg.norm(floats, axis=1).astype(np.float32)
@@ -71,7 +69,7 @@ class PackedCodes:
     def at_depth(self, bits: int) -> PackedCodes:
         """The nested code of fewer bits: its first ``bits`` planes."""
         if not 1 <= bits <= self.bits:
-            raise CodeError(f"bits={bits} is not available: these codes have depths 1..{self.bits}")
+            raise UserError(f"bits={bits} is not available: these codes have depths 1..{self.bits}")
         if bits == self.bits:
             return self
         return PackedCodes.from_planes(self.unpack()[:, :bits])
@@ -90,7 +88,7 @@ def sign_codes(embeddings: np.ndarray) -> PackedCodes:
 def inner_products(queries: PackedCodes, docs: PackedCodes, chunk: int = 256) -> np.ndarray:
     """(Q, D) float64 inner products of the float forms, from XOR + popcount on the packed planes."""
     if queries.dim != docs.dim or queries.bits != docs.bits:
-        raise CodeError(
+        raise UserError(
             f"codes differ: queries have {queries.bits}x{queries.dim} bits, documents {docs.bits}x{docs.dim}"
         )
     weights = plane_weights(queries.bits)
@@ -139,4 +137,4 @@ def quantized_baseline_scores(
             return (levels + 0.5) * step + ranges[0]
 
         return dequantize(queries) @ dequantize(docs).T
-    raise CodeError(f"precision: {precision!r} is not a baseline; use 'ubinary' or 'int8'")
+    raise UserError(f"precision: {precision!r} is not a baseline; use 'ubinary' or 'int8'")

@@ -4,7 +4,7 @@ Training never runs the teacher: its embeddings of every text are computed once,
 the dataset's ``label`` column, shape (n_text_columns, teacher_dim) per row, which is where
 sentence-transformers' distillation losses expect their targets (``MSELoss``; Reimers and Gurevych 2020,
 "Making Monolingual Sentence Embeddings Multilingual using Knowledge Distillation").
-``trainer.losses.distill.DistillationLoss`` reads them as ``batch.labels``.
+``trainer.train.losses.distill.DistillationLoss`` reads them as ``batch.labels``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import datasets
 import numpy as np
 from sentence_transformers import SentenceTransformer
 
-from trainer.errors import RecipeError
+from trainer.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def _positive_int(key: str, value: object, optional: bool = False) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         allowed = "a positive integer" + (" or null" if optional else "")
-        raise RecipeError(f"distill.{key}: {value!r} is not valid; give {allowed}")
+        raise UserError(f"distill.{key}: {value!r} is not valid; give {allowed}")
 
 
 @dataclass
@@ -73,25 +73,25 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.teacher, str) or not self.teacher.strip():
-            raise RecipeError(
+            raise UserError(
                 f"distill.teacher: {self.teacher!r} is not valid; give a sentence-transformers hub id, a path or 'self'"
             )
         weights = ("cosine_weight", "similarity_weight", "relative_weight", "margin", "projection_lr")
         for key in weights:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise RecipeError(f"distill.{key}: {value!r} is not valid; give a number >= 0")
+                raise UserError(f"distill.{key}: {value!r} is not valid; give a number >= 0")
         if not (self.cosine_weight or self.similarity_weight or self.relative_weight):
-            raise RecipeError("distill: cosine_weight, similarity_weight and relative_weight are all 0; set one > 0")
+            raise UserError("distill: cosine_weight, similarity_weight and relative_weight are all 0; set one > 0")
         _positive_int("max_seq_length", self.max_seq_length, optional=True)
         _positive_int("batch_size", self.batch_size)
         _positive_int("relative_max_pairs", self.relative_max_pairs, optional=True)
         if self.prompt is not None and not isinstance(self.prompt, str):
-            raise RecipeError(f"distill.prompt: {self.prompt!r} is not valid; give a string or null")
+            raise UserError(f"distill.prompt: {self.prompt!r} is not valid; give a string or null")
         if not isinstance(self.cache_dir, (str, os.PathLike)) or not str(self.cache_dir):
-            raise RecipeError(f"distill.cache_dir: {self.cache_dir!r} is not valid; give a folder path")
+            raise UserError(f"distill.cache_dir: {self.cache_dir!r} is not valid; give a folder path")
         if not isinstance(self.trust_remote_code, bool):
-            raise RecipeError(f"distill.trust_remote_code: {self.trust_remote_code!r} is not valid; give true or false")
+            raise UserError(f"distill.trust_remote_code: {self.trust_remote_code!r} is not valid; give true or false")
 
     def teacher_name(self, student_model_id: str) -> str:
         """The model to load as teacher: ``student_model_id`` for ``"self"``, else ``teacher``."""
@@ -291,12 +291,12 @@ def add_teacher_labels(
     """
     missing = [c for c in text_columns if c not in dataset.column_names]
     if not text_columns or missing:
-        raise RecipeError(
+        raise UserError(
             f"distill: text columns {missing or text_columns!r} are not in the dataset; "
             f"valid columns: {dataset.column_names}"
         )
     if "label" in dataset.column_names:
-        raise RecipeError("distill: the dataset already has a 'label' column; distillation writes its own labels")
+        raise UserError("distill: the dataset already has a 'label' column; distillation writes its own labels")
     cache = cache or TeacherEmbeddingCache.from_config(config, student_model_id)
     texts = [text for column in text_columns for text in dataset[column]]
     table, rows = cache.embeddings(texts)

@@ -10,7 +10,7 @@ embedding ``x`` (a cell's re-normalised prefix of ``d`` dims) and ``u`` residual
         e_k     = e_{k-1} + 2^-k * b_k
 
 The code of ``k + 1`` bits per dim is ``(b_0 .. b_k)`` and its float form is ``e_k``, which is exactly
-``trainer.codes.PackedCodes.to_float`` (plane ``i`` weighted ``2^-i``). Depths are nested by construction:
+``trainer.binary.codes.PackedCodes.to_float`` (plane ``i`` weighted ``2^-i``). Depths are nested by construction:
 the 1-bit code is a prefix of the 2-bit code. ``W``, ``B_k`` and ``R_k`` are MLP blocks
 ``Linear(d, h) -> BatchNorm1d(h) -> ReLU -> Linear(h, d)``; ``sign`` is a straight-through estimator whose
 gradient passes where ``|z| <= 1`` (Hubara et al. 2016, "Binarized Neural Networks").
@@ -45,9 +45,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from trainer.codes import CodeError, PackedCodes, check_packable
-from trainer.errors import RecipeError
-from trainer.grid import FLOAT_BITS, Cell, GridError
+from trainer.binary.codes import PackedCodes, check_packable
+from trainer.errors import UserError
+from trainer.grid import FLOAT_BITS, Cell
 
 HEADS_FOLDER = "binary_heads"
 CONFIG_FILE = "config.json"
@@ -65,7 +65,7 @@ class BinaryConfig:
     ``bits``: the code depths trained (and later servable), e.g. ``[1, 2, 4]``; the head has
     ``max(bits) - 1`` residual steps and a loss at every listed depth. ``hidden``: width of every MLP block.
     ``sharing``: ``dim`` or ``cell`` (see the module docstring). ``mode``: ``joint`` (encoder and heads
-    together, ``trainer.losses.binary``) or ``head-only`` (frozen encoder, ``trainer.head_only``).
+    together, ``trainer.train.losses.binary``) or ``head-only`` (frozen encoder, ``trainer.train.head_only``).
     ``weight`` / ``kl_weight`` / ``kl_temperature`` / ``scale``: the binary InfoNCE weight, the weight of the
     KL to the float cell's scores, its temperature, and the logit scale (1 / temperature) of the InfoNCE.
     ``lr``: the heads' learning rate, in both modes (joint training gives the randomly initialised heads
@@ -91,36 +91,36 @@ class BinaryConfig:
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
-        self.bits = check_bits(self.bits, key="binary.bits", error=RecipeError)
+        self.bits = check_bits(self.bits, key="binary.bits", error=UserError)
         if self.sharing not in SHARING:
-            raise RecipeError(f"binary.sharing: {self.sharing!r} is not valid; use one of {list(SHARING)}")
+            raise UserError(f"binary.sharing: {self.sharing!r} is not valid; use one of {list(SHARING)}")
         if self.mode not in MODES:
-            raise RecipeError(f"binary.mode: {self.mode!r} is not valid; use one of {list(MODES)}")
+            raise UserError(f"binary.mode: {self.mode!r} is not valid; use one of {list(MODES)}")
         for key in ("hidden", "steps", "batch_size"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
-                raise RecipeError(f"binary.{key}: {value!r} is not valid; use a positive integer")
+                raise UserError(f"binary.{key}: {value!r} is not valid; use a positive integer")
         if self.batch_size < 2:
-            raise RecipeError(f"binary.batch_size: {self.batch_size} is not valid; in-batch InfoNCE needs >= 2")
+            raise UserError(f"binary.batch_size: {self.batch_size} is not valid; in-batch InfoNCE needs >= 2")
         for key in ("scale", "kl_temperature", "lr"):
             if getattr(self, key) <= 0:
-                raise RecipeError(f"binary.{key}: {getattr(self, key)!r} is not valid; use a number > 0")
+                raise UserError(f"binary.{key}: {getattr(self, key)!r} is not valid; use a number > 0")
         for key in ("weight", "kl_weight", "weight_decay"):
             if getattr(self, key) < 0:
-                raise RecipeError(f"binary.{key}: {getattr(self, key)!r} is not valid; use a number >= 0")
+                raise UserError(f"binary.{key}: {getattr(self, key)!r} is not valid; use a number >= 0")
         if self.max_texts is not None and self.max_texts < 2:
-            raise RecipeError(f"binary.max_texts: {self.max_texts!r} is not valid; use None or an integer >= 2")
+            raise UserError(f"binary.max_texts: {self.max_texts!r} is not valid; use None or an integer >= 2")
 
     def check_dims(self, dims: Iterable[int]) -> None:
-        """Raise RecipeError when a grid dim cannot be packed into whole bytes."""
+        """Raise UserError when a grid dim cannot be packed into whole bytes."""
         for dim in dims:
             try:
                 check_packable(dim)
-            except CodeError as error:
-                raise RecipeError(f"binary: grid dim {dim} cannot get binary codes: {error}") from error
+            except UserError as error:
+                raise UserError(f"binary: grid dim {dim} cannot get binary codes: {error}") from error
 
 
-def check_bits(bits: Sequence[int], key: str = "bits", error: type[ValueError] = CodeError) -> list[int]:
+def check_bits(bits: Sequence[int], key: str = "bits", error: type[ValueError] = UserError) -> list[int]:
     """Validate code depths with the grid's rules (1..16; 32 is float, not a code); strictly increasing."""
     if isinstance(bits, (int, str)) or not bits:
         raise error(f"{key}: {bits!r} is not valid; give a non-empty list of depths, e.g. [1, 2, 4]")
@@ -129,7 +129,7 @@ def check_bits(bits: Sequence[int], key: str = "bits", error: type[ValueError] =
         try:
             depth = int(value)
             Cell(1, 1, depth)
-        except (GridError, TypeError, ValueError) as grid_error:
+        except (UserError, TypeError, ValueError) as grid_error:
             raise error(f"{key}: {value!r} is not a valid depth: {grid_error}") from grid_error
         if depth == FLOAT_BITS:
             raise error(f"{key}: {FLOAT_BITS} means float, not a binary code; use depths 1..16, e.g. [1, 2, 4]")
@@ -192,7 +192,7 @@ def planes_from_floats(floats: Sequence[Tensor]) -> Tensor:
 class BinaryHeads(nn.Module):
     """Recurrent binarization heads for the cells of a grid, trained at depths ``bits``.
 
-    ``dims``: the cell widths that get codes (each a multiple of 8, see ``trainer.codes``); ``layers``: the
+    ``dims``: the cell widths that get codes (each a multiple of 8, see ``trainer.binary.codes``); ``layers``: the
     cell depths, needed only for ``sharing="cell"``. ``encode_float`` gives the differentiable float forms
     for training; ``encode`` the packed codes for serving.
     """
@@ -235,17 +235,17 @@ class BinaryHeads(nn.Module):
         return {f"L{layer}-D{dim}": dim for layer in self.layers for dim in self.dims}
 
     def head_for(self, cell: Cell) -> RecurrentBinarizer:
-        """The head serving ``cell``; CodeError when the cell was not trained."""
+        """The head serving ``cell``; UserError when the cell was not trained."""
         key = f"D{cell.dim}" if self.sharing == "dim" else cell.name2d
         if key not in self.heads:
             trained = [f"D{d}" for d in self.dims] if self.sharing == "dim" else list(self.heads)
-            raise CodeError(f"cell {cell.name2d} has no binary head; heads were trained for {trained}")
+            raise UserError(f"cell {cell.name2d} has no binary head; heads were trained for {trained}")
         return self.heads[key]
 
     def encode_float(self, x: Tensor, cell: Cell) -> list[Tensor]:
         """Float forms ``e_0 .. e_{max(bits)-1}`` of unit embeddings ``x`` (N, cell.dim); differentiable."""
         if x.shape[-1] != cell.dim:
-            raise CodeError(f"cell {cell.name2d} needs embeddings of {cell.dim} dims, got {x.shape[-1]}")
+            raise UserError(f"cell {cell.name2d} needs embeddings of {cell.dim} dims, got {x.shape[-1]}")
         return self.head_for(cell)(x)
 
     forward = encode_float
@@ -261,14 +261,14 @@ class BinaryHeads(nn.Module):
         return codes
 
     def check_serves(self, cell: Cell) -> None:
-        """CodeError unless these heads can encode ``cell``: a packable dim, a trained depth, a head for it."""
+        """UserError unless these heads can encode ``cell``: a packable dim, a trained depth, a head for it."""
         check_packable(cell.dim)
         self.check_depth(cell.bits)
         self.head_for(cell)
 
     def check_depth(self, bits: int) -> None:
         if bits <= 0 or bits not in self._bits:
-            raise CodeError(f"bits={bits} was not trained: these heads serve depths {list(self._bits)}")
+            raise UserError(f"bits={bits} was not trained: these heads serve depths {list(self._bits)}")
 
     @torch.no_grad()
     def encode(self, embeddings: Tensor | np.ndarray, cell: Cell) -> PackedCodes:
@@ -312,7 +312,7 @@ class BinaryHeads(nn.Module):
         folder = Path(directory) / HEADS_FOLDER
         saved = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
         if saved != self.config():
-            raise CodeError(f"{folder}: saved heads {saved} differ from these heads {self.config()}")
+            raise UserError(f"{folder}: saved heads {saved} differ from these heads {self.config()}")
         device = next(self.parameters()).device
         self.load_state_dict(load_file(str(folder / WEIGHTS_FILE), device=str(device)))
 

@@ -17,47 +17,43 @@ from typing import Any
 from huggingface_hub import HfApi
 from safetensors import safe_open
 
-from trainer.card import render_card
-from trainer.errors import RecipeError
+from trainer.binary.heads import HEADS_FOLDER, BinaryHeads
+from trainer.errors import UserError
 from trainer.grid import Cell
-from trainer.heads import HEADS_FOLDER, BinaryHeads
-from trainer.manifest import MANIFEST_NAME, read_manifest
+from trainer.serve.card import render_card
+from trainer.serve.manifest import MANIFEST_NAME, read_manifest
 
 SKIPPED = ("checkpoint-", "training_args.bin", "runs", "eval", "README.md")
 EVAL_FILES = ("grid.json", "pareto.png")
 
 
-class PublishError(RecipeError):
-    """A checkpoint that must not be published as it is."""
-
-
 def check_checkpoint(folder: Path) -> dict[str, Any]:
     """The manifest, once the folder is shown to be a complete, consistent checkpoint."""
     if not folder.is_dir():
-        raise PublishError(f"checkpoint: {str(folder)!r} is not a folder")
+        raise UserError(f"checkpoint: {str(folder)!r} is not a folder")
     manifest = read_manifest(folder)
     if manifest is None:
-        raise PublishError(f"checkpoint: {folder} has no {MANIFEST_NAME}; publish a folder written by `trainer train`")
+        raise UserError(f"checkpoint: {folder} has no {MANIFEST_NAME}; publish a folder written by `trainer train`")
     weights = folder / "model.safetensors"
     if not weights.is_file():
-        raise PublishError(f"checkpoint: {folder} has no model.safetensors")
+        raise UserError(f"checkpoint: {folder} has no model.safetensors")
     try:
         with safe_open(str(weights), "pt") as handle:
             handle.keys()
     except Exception as error:  # safetensors raises several types for truncated or foreign files
-        raise PublishError(f"checkpoint: {weights} is not a readable safetensors file ({error})") from None
+        raise UserError(f"checkpoint: {weights} is not a readable safetensors file ({error})") from None
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
     if config.get("num_hidden_layers") != manifest.get("num_layers"):
-        raise PublishError(
+        raise UserError(
             f"checkpoint: manifest says {manifest.get('num_layers')} layers, config.json says "
             f"{config.get('num_hidden_layers')}"
         )
     code_bits = sorted(b for b in manifest.get("bits", []) if not Cell(1, 1, b).is_float)
     heads = BinaryHeads.load(folder) if code_bits else None
     if code_bits and heads is None:
-        raise PublishError(f"checkpoint: manifest lists bit depths {code_bits} but {folder}/{HEADS_FOLDER} is missing")
+        raise UserError(f"checkpoint: manifest lists bit depths {code_bits} but {folder}/{HEADS_FOLDER} is missing")
     if heads is not None and sorted(heads.bits) != code_bits:
-        raise PublishError(f"checkpoint: manifest bits {code_bits} differ from the saved heads' {list(heads.bits)}")
+        raise UserError(f"checkpoint: manifest bits {code_bits} differ from the saved heads' {list(heads.bits)}")
     return manifest
 
 
@@ -66,18 +62,18 @@ def _load_grid(grid_dir: Path | None, manifest: dict[str, Any], cells: list[str]
         return None
     path = grid_dir / "grid.json"
     if not path.is_file():
-        raise PublishError(f"--grid: {grid_dir} has no grid.json; run `python -m eval grid --model <checkpoint>`")
+        raise UserError(f"--grid: {grid_dir} has no grid.json; run `python -m eval grid --model <checkpoint>`")
     grid = json.loads(path.read_text())
     for entry in grid["cells"]:
         try:
             Cell.parse(entry["cell"]).check_fits(manifest["num_layers"], manifest["embedding_dim"])
         except ValueError as error:
-            raise PublishError(f"--grid: grid.json does not belong to this checkpoint: {error}") from None
+            raise UserError(f"--grid: grid.json does not belong to this checkpoint: {error}") from None
     if cells:
         wanted = {str(Cell.parse(c, key="--cells")) for c in cells}
         missing = wanted - {entry["cell"] for entry in grid["cells"]}
         if missing:
-            raise PublishError(f"--cells: {sorted(missing)} were not evaluated in {path}")
+            raise UserError(f"--cells: {sorted(missing)} were not evaluated in {path}")
         grid = {**grid, "cells": [entry for entry in grid["cells"] if entry["cell"] in wanted]}
     return grid
 
@@ -121,7 +117,7 @@ def publish(
     if dry_run is not None:
         target = Path(dry_run)
         if target.exists() and any(target.iterdir()):
-            raise PublishError(f"--dry-run: {str(target)!r} is not empty; give a new folder")
+            raise UserError(f"--dry-run: {str(target)!r} is not empty; give a new folder")
         target.mkdir(parents=True, exist_ok=True)
         return stage(checkpoint, target, repo_id, grid_dir, cells)
     with tempfile.TemporaryDirectory() as staging:

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from trainer.losses.elastic import CellBatch
+    from trainer.train.losses.elastic import CellBatch
 
 PROJECTION_FILE = "distill_projection.safetensors"
 

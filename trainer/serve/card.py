@@ -116,7 +116,7 @@ model = SentenceTransformer("{repo_id}")
 embeddings = model.encode(["What is a 2D Matryoshka embedding?"])
 
 # Any smaller cell: only the first {small.layers} layers run, {small.dim} dims, {small.bits} bits per dim.
-from trainer.elastic_model import load  # pip install elastic-embeddings
+from trainer.serve.model import load  # pip install elastic-embeddings
 
 codes = load("{repo_id}").at("{small}").encode(["What is a 2D Matryoshka embedding?"])
 ```

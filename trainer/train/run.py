@@ -15,16 +15,16 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from trainer.data import load_sources, text_columns
-from trainer.errors import RecipeError
+from trainer.binary.heads import BinaryHeads
+from trainer.cell_vectors import embedding_dim, num_layers
+from trainer.errors import UserError
 from trainer.grid import Cell, Grid
-from trainer.heads import BinaryHeads
-from trainer.layers import embedding_dim, num_layers
-from trainer.losses import CellSelection, ElasticLoss, InfoNCELoss, Matryoshka2dLoss
-from trainer.losses.binary import BinaryCodeLoss
-from trainer.losses.distill import DistillationLoss
-from trainer.manifest import write_manifest
-from trainer.recipe import Recipe, load_recipe
+from trainer.serve.manifest import write_manifest
+from trainer.train.data import load_sources, text_columns
+from trainer.train.losses import CellSelection, ElasticLoss, InfoNCELoss, Matryoshka2dLoss
+from trainer.train.losses.binary import BinaryCodeLoss
+from trainer.train.losses.distill import DistillationLoss
+from trainer.train.recipe import Recipe, load_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +41,10 @@ def resolve_resume(recipe: Recipe) -> str | None:
     if resume in (True, "true", "True"):
         last = get_last_checkpoint(str(recipe.output_dir)) if recipe.output_dir.is_dir() else None
         if last is None:
-            raise RecipeError(f"training.resume_from_checkpoint: no checkpoint-* folder in {str(recipe.output_dir)!r}")
+            raise UserError(f"training.resume_from_checkpoint: no checkpoint-* folder in {str(recipe.output_dir)!r}")
         return last
     if not Path(resume).is_dir():
-        raise RecipeError(f"training.resume_from_checkpoint: {resume!r} is not a checkpoint folder")
+        raise UserError(f"training.resume_from_checkpoint: {resume!r} is not a checkpoint folder")
     return str(resume)
 
 
@@ -55,7 +55,7 @@ def prepare_output_dir(recipe: Recipe, resume: str | None) -> None:
     if resume or not out.is_dir() or not any(out.iterdir()) or not is_main_process():
         return
     if not overwrite:
-        raise RecipeError(
+        raise UserError(
             f"training.output_dir: {str(out)!r} already holds a run; pass --resume_from_checkpoint true to continue "
             "it, --overwrite_output_dir true to replace it, or choose another output_dir"
         )
@@ -195,7 +195,7 @@ def loss_learning_rates(recipe: Recipe, loss: ElasticLoss) -> dict[str, float]:
 def label_with_teacher(data: Dataset | DatasetDict, recipe: Recipe) -> Dataset | DatasetDict:
     """Add the cached teacher embeddings of every text column as the ``label`` column (no teacher forward
     pass during training); the cache is built once, by the main process first."""
-    from trainer.distill import add_teacher_labels
+    from trainer.train.teacher import add_teacher_labels
 
     def label(dataset: Dataset) -> Dataset:
         return add_teacher_labels(dataset, recipe.distill, text_columns(dataset), recipe.model.name)
@@ -204,9 +204,9 @@ def label_with_teacher(data: Dataset | DatasetDict, recipe: Recipe) -> Dataset |
 
 
 def train_heads_from_recipe(recipe: Recipe, model: SentenceTransformer, grid: Grid, data) -> None:
-    """Head-only mode: the encoder stays frozen; its texts train the binarization heads (trainer.head_only).
+    """Head-only mode: the encoder stays frozen; its texts train the binarization heads (trainer.train.head_only).
     The output folder is a full checkpoint: the unchanged model, its heads and the manifest."""
-    from trainer.head_only import train_heads_only
+    from trainer.train.head_only import train_heads_only
 
     datasets = data.values() if isinstance(data, DatasetDict) else [data]
     texts, pairs = [], []

@@ -10,16 +10,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trainer.binary.heads import BinaryHeads, check_bits
 from trainer.grid import Cell
-from trainer.heads import BinaryHeads, check_bits
-from trainer.losses.infonce import InfoNCELoss, score_kl
+from trainer.train.losses.infonce import InfoNCELoss, score_kl
 
 if TYPE_CHECKING:
-    from trainer.losses.elastic import CellBatch
+    from trainer.train.losses.elastic import CellBatch
 
 
 def trained_depths(heads: BinaryHeads, bits: Sequence[int]) -> tuple[int, ...]:
-    """``bits`` as valid, increasing depths that ``heads`` were built for (CodeError otherwise)."""
+    """``bits`` as valid, increasing depths that ``heads`` were built for (UserError otherwise)."""
     depths = tuple(check_bits(bits))
     for depth in depths:
         heads.check_depth(depth)
@@ -30,8 +30,8 @@ class BinaryCodeLoss(nn.Module):
     """InfoNCE on the codes of every float cell at every depth, plus KL to the float cell's scores.
 
     For a cell c and a depth k, let ``q = normalize(e_k(anchor))`` and ``d = normalize(e_k(candidates))``
-    be the float forms of the codes (``trainer.heads``; their cosine is what packed codes score), ``S_ck``
-    the InfoNCE scores of ``q`` against ``d`` (``trainer.losses.infonce``), ``S_c`` those of the float cell:
+    be the float forms of the codes (``trainer.binary.heads``; their cosine is what packed codes score), ``S_ck``
+    the InfoNCE scores of ``q`` against ``d`` (``trainer.train.losses.infonce``), ``S_c`` those of the float cell:
 
         L = sum_c sum_k  weight * InfoNCE(S_ck) + kl_weight * KL(softmax(S_c / T) || softmax(S_ck / T))
 
