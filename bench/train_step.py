@@ -23,8 +23,8 @@ from sentence_transformers.sentence_transformer.losses import Matryoshka2dLoss, 
 
 from bench.common import markdown, median_seconds, write_result
 from trainer.binary.heads import BinaryHeads
-from trainer.grid import Cell, Grid
-from trainer.train.losses import CellSelection, ElasticLoss, InfoNCELoss
+from trainer.grid import Cell, CellSelection, Grid
+from trainer.train.losses import ElasticLoss, InfoNCELoss
 from trainer.train.losses import Matryoshka2dLoss as Ours
 from trainer.train.losses.binary import BinaryCodeLoss
 from trainer.train.losses.distill import DistillationLoss

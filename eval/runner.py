@@ -25,13 +25,14 @@ from mteb.types import PromptType
 from sentence_transformers import SentenceTransformer
 from tqdm.auto import tqdm
 
-from eval.binary import check_codes, load_heads
 from eval.embeddings import load_or_encode
 from eval.search import CellSearch
 from eval.tasks import resolve_task, task_texts
-from trainer.cell_vectors import embedding_dim, num_layers
+from trainer.binary.heads import BinaryHeads
+from trainer.cell_vectors import code_heads, embedding_dim, num_layers
 from trainer.errors import UserError
 from trainer.grid import Cell, Grid
+from trainer.serve.checkpoint import resolve_model
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -66,13 +67,8 @@ class GridResults:
 
 
 def load_model(model: str) -> SentenceTransformer:
-    try:
-        return SentenceTransformer(model, device="cpu" if not _has_cuda() else None)
-    except (OSError, ValueError) as error:
-        raise UserError(
-            f"model: cannot load {model!r} as a SentenceTransformer ({error}); "
-            "give a checkpoint directory or a hub id that is in the local cache"
-        ) from None
+    """The model of a checkpoint folder or hub id, checked first (``trainer.serve.checkpoint``)."""
+    return SentenceTransformer(str(resolve_model(model)), device="cpu" if not _has_cuda() else None)
 
 
 def _has_cuda() -> bool:
@@ -141,10 +137,11 @@ def run_grid(request: GridRequest, model: SentenceTransformer | None = None) -> 
     model = model if model is not None else load_model(request.model)
     depth, width = num_layers(model), embedding_dim(model)
     request.grid.check_fits(depth, width)
-    heads = load_heads(request.model)
+    heads = BinaryHeads.load(request.model) if Path(request.model).is_dir() else None
     cells = request.grid.all_cells()
     for cell in cells:
-        check_codes(cell, heads)
+        if not cell.is_float:
+            code_heads(heads, cell)  # refuses untrained depths and dims before any work
     tasks = [resolve_task(spec) for spec in request.tasks]
     names = [task.metadata.name for task, _ in tasks]
     if len(set(names)) != len(names):

@@ -5,8 +5,8 @@ embeddings, so mteb's own retrieval evaluator computes every metric from this ce
 
 Scores:
 - float cell: cosine, ``s(q, d) = <q, d>`` of the unit-normalised ``cell.dim`` prefixes;
-- binary cell: the code inner product ``<e_q, e_d> = sum_{i,j} 2^-(i+j) (m - 2 Hamming(b_i^q, b_j^d))``
-  on the packed planes (for 1 bit: ``m - 2 Hamming``), never a cosine of 0/1 vectors;
+- binary cell: the project's one code score, ``trainer.binary.codes.code_scores``: the cosine of the codes'
+  float forms from popcounts on the packed planes (for 1 bit it ranks exactly like Hamming distance);
 - binary with ``rescore = M``: the top ``k * M`` documents by code score (``k = RESCORE_K = 100``, the
   deepest headline metric, recall@100), re-ranked by the float query against the documents' decoded codes
   ``<q, e_d>`` (sentence-transformers' and BPR's rescoring).
@@ -20,10 +20,9 @@ import numpy as np
 from mteb.models.model_meta import ModelMeta
 from torch import Tensor
 
-from eval.binary import codes_for
 from eval.embeddings import LayerEmbeddings
-from trainer.binary.codes import PackedCodes, inner_products
-from trainer.cell_vectors import cell_embedding
+from trainer.binary.codes import PackedCodes, code_scores
+from trainer.cell_vectors import cell_codes, cell_vector
 from trainer.grid import Cell
 
 RESCORE_K = 100
@@ -67,7 +66,7 @@ class CellSearch:
         self._doc_codes: PackedCodes | None = None
 
     def _float(self, role: dict[int, Tensor], rows: list[int]) -> Tensor:
-        return cell_embedding({self.cell.layers: role[self.cell.layers][rows]}, self.cell.with_bits(32))
+        return cell_vector({self.cell.layers: role[self.cell.layers][rows]}, self.cell.with_bits(32))
 
     def index(self, corpus: Any, **kwargs: Any) -> None:
         self._doc_ids = ids_of(corpus)
@@ -75,7 +74,7 @@ class CellSearch:
         if self.cell.is_float:
             self._doc_float = docs
         else:
-            self._doc_codes = codes_for(self.cell, docs, self.heads)
+            self._doc_codes = cell_codes(docs, self.cell, self.heads)
 
     def search(self, queries: Any, *, top_k: int, **kwargs: Any) -> dict[str, dict[str, float]]:
         query_ids = ids_of(queries)
@@ -83,7 +82,7 @@ class CellSearch:
         if self.cell.is_float:
             scores = (query @ self._doc_float.T).numpy()
             return best_k(scores, self._doc_ids, query_ids, top_k)
-        scores = inner_products(codes_for(self.cell, query, self.heads), self._doc_codes)
+        scores = code_scores(cell_codes(query, self.cell, self.heads), self._doc_codes)
         if not self.rescore:
             return best_k(scores, self._doc_ids, query_ids, top_k)
         return self._rescored(query.numpy().astype(np.float64), scores, query_ids)

@@ -10,15 +10,15 @@ import torch
 import yaml
 from sentence_transformers import SentenceTransformer
 
-from trainer.binary.codes import PackedCodes
+from trainer.binary.codes import PackedCodes, sign_codes
 from trainer.binary.heads import BinaryHeads
-from trainer.cell_vectors import cell_embedding, embed_layers
+from trainer.cell_vectors import cell_vector, layer_embeddings
 from trainer.cli import main as cli
 from trainer.errors import UserError
 from trainer.grid import Cell
+from trainer.manifest import MANIFEST_NAME
 from trainer.serve import publish as publish_module
 from trainer.serve.export import export_cell
-from trainer.serve.manifest import MANIFEST_NAME
 from trainer.serve.model import load
 from trainer.serve.publish import publish
 
@@ -33,7 +33,7 @@ def checkpoint(tiny_model_path, tmp_path):
     heads = BinaryHeads(dims=[16, 32], bits=[1, 2], hidden=16)
     for dim in (16, 32):  # give BatchNorm real running statistics
         heads.encode_float(torch.nn.functional.normalize(torch.randn(64, dim), dim=-1), Cell(1, dim))
-    heads.save_pretrained(folder)
+    heads.save(folder)
     manifest = {
         "format_version": 1,
         "base_model": "tiny-bert",
@@ -51,8 +51,8 @@ def checkpoint(tiny_model_path, tmp_path):
 def reference_cell(folder, cell):
     model = SentenceTransformer(str(folder))
     with torch.no_grad():
-        layers = embed_layers(model, model.preprocess(TEXTS), [cell.layers])
-    return cell_embedding(layers, cell)
+        layers = layer_embeddings(model, model.preprocess(TEXTS), [cell.layers])
+    return cell_vector(layers, cell)
 
 
 def test_cell_encoder_matches_the_one_pass_cell_embedding(checkpoint):
@@ -91,9 +91,17 @@ def test_cells_the_checkpoint_cannot_serve_are_refused(checkpoint, cell, error):
         load(checkpoint).at(cell)
 
 
-def test_a_model_without_heads_serves_only_float_cells(tiny_model_path):
-    with pytest.raises(UserError, match="has no binarization heads"):
-        load(tiny_model_path).at("L2-D16-B1")
+def test_a_model_without_heads_serves_sign_bits_and_the_residual_sign_quantiser(tiny_model_path):
+    elastic = load(tiny_model_path)
+    assert elastic.heads is None
+    floats = elastic.at("L2-D16").encode(TEXTS)
+    one, two = elastic.at("L2-D16-B1").encode(TEXTS), elastic.at("L2-D16-B2").encode(TEXTS)
+    np.testing.assert_array_equal(one.packed, sign_codes(floats).packed)
+    # the second plane is the sign of the residual after the first plane's step 1/sqrt(dim)
+    residual = floats - np.where(floats > 0, 1.0, -1.0) / np.sqrt(16)
+    np.testing.assert_array_equal(two.unpack()[:, 1], residual > 0)
+    with pytest.raises(UserError, match="multiple of 8"):
+        elastic.at("L2-D12-B1")
 
 
 @pytest.mark.parametrize("cell", ["L2-D16", "L4-D32-B32", "L2-D16-B1", "L3-D32-B2"])

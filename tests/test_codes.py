@@ -8,7 +8,7 @@ import pytest
 from trainer.binary.codes import (
     PackedCodes,
     UserError,
-    cosine_scores,
+    code_scores,
     inner_products,
     quantized_baseline_scores,
     sign_codes,
@@ -48,7 +48,7 @@ def test_popcount_scores_equal_float_scores_exactly(bits):
         np.argsort(-popcount, axis=1, kind="stable"), np.argsort(-reconstructed, axis=1, kind="stable")
     )
     norms = np.linalg.norm(queries.to_float(), axis=1)[:, None] * np.linalg.norm(docs.to_float(), axis=1)[None]
-    np.testing.assert_allclose(cosine_scores(queries, docs), reconstructed / norms, rtol=1e-6)
+    np.testing.assert_allclose(code_scores(queries, docs), reconstructed / norms, rtol=1e-6)
 
 
 def test_at_depth_is_the_prefix_of_planes():

@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from trainer.errors import UserError
 from trainer.grid import Cell
 from trainer.train.losses.distill import (
-    PROJECTION_FILE,
+    PROJECTION_FOLDER,
     DistillationLoss,
     cosine_loss,
     relative_similarity_loss,
@@ -32,8 +33,8 @@ STUDENT = vectors_with_gram([[1, 0.2, 0.3], [0.2, 1, 0.25], [0.3, 0.25, 1]])
 def test_cosine_loss_hand_value() -> None:
     student = torch.tensor([[0.6, 0.8], [2.0, 0.0]])  # second row is normalised inside
     teacher = torch.tensor([[1.0, 0.0], [0.0, 3.0]])
-    # (1 - 0.6) + (1 - 0) = 1.4
-    assert cosine_loss(student, teacher).item() == pytest.approx(1.4)
+    # ((1 - 0.6) + (1 - 0)) / 2 = 0.7
+    assert cosine_loss(student, teacher).item() == pytest.approx(0.7)
 
 
 def test_similarity_loss_hand_value_with_different_widths() -> None:
@@ -93,8 +94,9 @@ def test_term_components_and_weights() -> None:
     student_full = torch.cat(batch.embeddings[Cell(4, 16)])
     student_small = torch.cat(batch.embeddings[Cell(2, 8)])
     assert losses["cos/L4-D16"].item() == pytest.approx(3.0 * cosine_loss(student_full, teacher).item())
-    assert losses["sim/L2-D8"].item() == pytest.approx(7.0 * similarity_loss(student_small, teacher).item())
-    assert losses["rel/L2-D8"].item() == pytest.approx(2.0 * relative_similarity_loss(student_small, teacher, 0.1))
+    # similarity and relative are means over the cells: each cell's component is weight / 2 of its loss
+    assert losses["sim/L2-D8"].item() == pytest.approx(7.0 / 2 * similarity_loss(student_small, teacher).item())
+    assert losses["rel/L2-D8"].item() == pytest.approx(2.0 / 2 * relative_similarity_loss(student_small, teacher, 0.1))
 
 
 def test_term_is_zero_when_student_equals_teacher() -> None:
@@ -112,21 +114,25 @@ def test_zero_weight_drops_component() -> None:
 def test_projection_learns_when_widths_differ_and_round_trips(tmp_path) -> None:
     batch = make_batch(4, {Cell(2, 4): 4, Cell(3, 8): 8}, teacher_dim=12)
     term = DistillationLoss(8, 12)
-    assert term.projection is not None and term.projection.in_features == 8 and term.projection.out_features == 12
+    assert (
+        term.projection is not None
+        and term.projection.linear.in_features == 8
+        and term.projection.linear.out_features == 12
+    )
     losses = term(batch)
     sum(losses.values()).backward()
-    assert term.projection.weight.grad is not None and term.projection.weight.grad.abs().sum() > 0
+    assert term.projection.linear.weight.grad is not None and term.projection.linear.weight.grad.abs().sum() > 0
     term.save_pretrained(tmp_path)
-    assert (tmp_path / PROJECTION_FILE).is_file()
+    assert (tmp_path / PROJECTION_FOLDER / "model.safetensors").is_file()
     other = DistillationLoss(8, 12)
-    assert not torch.equal(other.projection.weight, term.projection.weight)
+    assert not torch.equal(other.projection.linear.weight, term.projection.linear.weight)
     other.load_state(tmp_path)
-    assert torch.equal(other.projection.weight, term.projection.weight)
-    assert torch.equal(other.projection.bias, term.projection.bias)
+    assert torch.equal(other.projection.linear.weight, term.projection.linear.weight)
+    assert torch.equal(other.projection.linear.bias, term.projection.linear.bias)
 
 
 def test_load_state_without_file_fails(tmp_path) -> None:
-    with pytest.raises(FileNotFoundError, match="distill_projection"):
+    with pytest.raises(UserError, match="distill_projection"):
         DistillationLoss(8, 12).load_state(tmp_path)
 
 

@@ -14,10 +14,9 @@ from sentence_transformers import SentenceTransformer, SentenceTransformerTraine
 from tests.conftest import MINILM, requires_shared_data
 from trainer.beir import BeirSplit, load_split
 from trainer.cell_vectors import encode_layers
-from trainer.grid import Cell, Grid
+from trainer.grid import Cell, CellSelection, Grid
 from trainer.train.losses.distill import DistillationLoss
 from trainer.train.losses.elastic import ElasticLoss
-from trainer.train.losses.matryoshka2d import CellSelection
 from trainer.train.teacher import DistillConfig, add_teacher_labels, teacher_dim
 
 CELLS = (Cell(2, 128), Cell(4, 256), Cell(6, 384))

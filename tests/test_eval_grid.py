@@ -122,7 +122,7 @@ def test_changed_judgments_are_rescored_not_reused(tiny, tmp_path):
     assert run_grid(request).scored_cells == 2
 
 
-def test_binary_cells_score_by_hamming_and_rescore_by_float_query():
+def test_binary_cells_score_by_the_code_rule_and_rescore_by_float_query():
     torch.manual_seed(0)
     docs = torch.nn.functional.normalize(torch.randn(20, 16), dim=-1)
     from eval.embeddings import LayerEmbeddings
@@ -137,7 +137,7 @@ def test_binary_cells_score_by_hamming_and_rescore_by_float_query():
     signs = (docs > 0).numpy()
     for i in range(5):
         hamming = (signs[i] != signs).sum(axis=1)
-        expected = {ids[j]: float(16 - 2 * hamming[j]) for j in range(20)}
+        expected = {ids[j]: float(16 - 2 * hamming[j]) / 16 for j in range(20)}  # cosine of +-1 codes
         assert result[ids[i]] == pytest.approx(expected)
     rescored = CellSearch(cell, emb, cell_meta("m", "r", cell, 2), rescore=2)
     rescored.index({"id": ids})
@@ -190,7 +190,7 @@ def test_cli_writes_results_table_and_plots_from_yaml_config(tiny, tmp_path, cap
         (["--tasks", "{empty}:test"], "corpus.jsonl is empty"),
         (["--cells", "L4-D32"], "the model has 3"),
         (["--cells", "L2-D64"], "embeds in 32"),
-        (["--bits", "2"], "no binarization heads"),
+        (["--bits", "40"], "bits must be 1..16"),
     ],
 )
 def test_bad_input_exits_2_with_one_message_and_keeps_results(tiny, tmp_path, capsys, flags, message):
@@ -213,6 +213,41 @@ def test_bad_input_exits_2_with_one_message_and_keeps_results(tiny, tmp_path, ca
     assert not (out / "results").exists()
 
 
+def test_grid_ranks_a_multi_bit_cell_exactly_by_the_code_score():
+    """500 documents, top 10: the grid's ranking of a 2-bit cell of trained heads is code_scores' ranking."""
+    from eval.embeddings import LayerEmbeddings
+    from eval.runner import cell_meta
+    from trainer.binary.codes import code_scores
+    from trainer.binary.heads import BinaryHeads
+
+    torch.manual_seed(0)
+    heads = BinaryHeads(dims=[32], bits=[1, 2], hidden=16)
+    with torch.no_grad():
+        for module in heads.modules():  # a head moved away from its zero start, as training moves it
+            if isinstance(module, torch.nn.Sequential):
+                torch.nn.init.normal_(module[-1].weight, std=0.3)
+        heads.encode_float(torch.nn.functional.normalize(torch.randn(256, 32), dim=-1), Cell(2, 32))  # BatchNorm
+    heads.eval()
+    docs = torch.nn.functional.normalize(torch.randn(500, 32), dim=-1)
+    queries = torch.nn.functional.normalize(docs[:40] + 0.3 * torch.randn(40, 32), dim=-1)
+    doc_ids, query_ids = [f"d{i}" for i in range(500)], [f"q{i}" for i in range(40)]
+    cell = Cell(2, 32, 2)
+    search = CellSearch(
+        cell, LayerEmbeddings(query_ids, doc_ids, {2: queries}, {2: docs}), cell_meta("m", "r", cell, 0), heads
+    )
+    search.index({"id": doc_ids})
+    result = search.search({"id": query_ids}, top_k=10)
+    scores = code_scores(heads.encode(queries, cell), heads.encode(docs, cell))
+    raw = heads.encode(queries, cell).to_float() @ heads.encode(docs, cell).to_float().T
+    differs = 0
+    for i, qid in enumerate(query_ids):
+        assert result[qid] == pytest.approx({d: scores[i, doc_ids.index(d)] for d in result[qid]})
+        tenth = np.sort(scores[i])[-10]
+        assert all(scores[i, doc_ids.index(d)] >= tenth - 1e-12 for d in result[qid])
+        differs += set(np.argsort(-raw[i])[:10]) != set(np.argsort(-scores[i])[:10])
+    assert differs > 0  # the raw inner product would have selected other candidates
+
+
 def test_trained_heads_serve_multi_bit_cells_and_refuse_untrained_ones(tiny, tmp_path):
     import shutil
 
@@ -221,7 +256,7 @@ def test_trained_heads_serve_multi_bit_cells_and_refuse_untrained_ones(tiny, tmp
     checkpoint, beir = tiny
     with_heads = tmp_path / "with-heads"
     shutil.copytree(checkpoint, with_heads)
-    BinaryHeads(dims=[16, 32], bits=[1, 2], hidden=8).save_pretrained(with_heads)
+    BinaryHeads(dims=[16, 32], bits=[1, 2], hidden=8).save(with_heads)
     grid = Grid.from_spec(cells=["L2-D16", "L3-D32"], bits=[1, 2])
     results = run_grid(GridRequest(str(with_heads), [f"{beir}:test"], grid, tmp_path / "out"))
     assert Cell(3, 32, 2).bytes_per_vector == 8

@@ -8,11 +8,11 @@ import torch
 
 from tests.conftest import MINILM, requires_shared_data
 from trainer.beir import load_split
-from trainer.binary.codes import cosine_scores, sign_codes
-from trainer.binary.heads import BinaryConfig
-from trainer.cell_vectors import cell_embedding
+from trainer.binary.codes import code_scores, sign_codes
+from trainer.cell_vectors import cell_vector
 from trainer.grid import Cell, Grid
 from trainer.train.head_only import cached_layer_embeddings, fit_heads
+from trainer.train.recipe import BinaryConfig
 
 
 def ndcg_at_10(scores: np.ndarray, query_ids: list[str], doc_ids: list[str], qrels: dict[str, dict[str, int]]):
@@ -52,8 +52,8 @@ def test_learned_one_bit_codes_beat_sign_binarization(request, tmp_path_factory)
 
     cell = Cell(6, 384)
     n_docs, n_train = len(doc_ids), len(train_ids)
-    docs = cell_embedding({6: layers[:n_docs]}, cell)
-    queries = cell_embedding({6: layers[n_docs + n_train :]}, cell)
+    docs = cell_vector({6: layers[:n_docs]}, cell)
+    queries = cell_vector({6: layers[n_docs + n_train :]}, cell)
     row = {d: i for i, d in enumerate(doc_ids)}
     pairs = torch.tensor(
         [(n_docs + i, row[d]) for i, q in enumerate(train_ids) for d, rel in train.qrels[q].items() if rel > 0]
@@ -63,7 +63,7 @@ def test_learned_one_bit_codes_beat_sign_binarization(request, tmp_path_factory)
     heads = fit_heads({6: layers[: n_docs + n_train]}, Grid((cell,), (1, 2)), config, pairs)
 
     def score(codes_of) -> float:
-        return ndcg_at_10(cosine_scores(codes_of(queries), codes_of(docs)), test_ids, doc_ids, test.qrels)
+        return ndcg_at_10(code_scores(codes_of(queries), codes_of(docs)), test_ids, doc_ids, test.qrels)
 
     float_ndcg = ndcg_at_10((queries @ docs.T).numpy(), test_ids, doc_ids, test.qrels)
     sign = score(lambda x: sign_codes(x.numpy()))

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.cell_vectors import embed_layers
-from trainer.grid import Cell, Grid
-from trainer.train.losses import CellBatch, CellSelection, ElasticLoss, InfoNCELoss, Matryoshka2dLoss
+from trainer.cell_vectors import layer_embeddings
+from trainer.grid import Cell, CellSelection, Grid
+from trainer.train.losses import CellBatch, ElasticLoss, InfoNCELoss, Matryoshka2dLoss
 
 
 def unit(rows):
@@ -47,16 +47,42 @@ def test_matryoshka_term_adds_kl_to_the_detached_full_cell():
     a_small = unit([[1.0, 0.4], [0.2, 1.0]]).requires_grad_(True)
     p_small = unit([[1.0, 0.0], [0.5, 1.0]])
     batch = CellBatch({full: [a_full, p_full], small: [a_small, p_small]}, [{}, {}], full, None)
-    term = Matryoshka2dLoss(InfoNCELoss(scale=4.0), weights={small: 0.5}, kl_weight=2.0, kl_temperature=2.0, weight=3.0)
+    term = Matryoshka2dLoss(
+        InfoNCELoss(scale=4.0), full_weight=3.0, layers_weight=0.5, kl_weight=2.0, kl_temperature=2.0
+    )
     out = term(batch)
     assert set(out) == {"loss/L2-D3", "loss/L1-D2", "kl/L1-D2"}
     small_loss = hand_infonce(a_small.detach(), p_small, 4.0)
-    assert out["loss/L1-D2"].item() == pytest.approx(3.0 * 0.5 * small_loss, rel=1e-9)
+    assert out["loss/L1-D2"].item() == pytest.approx(0.5 * small_loss, rel=1e-9)
     assert out["loss/L2-D3"].item() == pytest.approx(3.0 * hand_infonce(a_full, p_full, 4.0), rel=1e-9)
     p = torch.softmax(4.0 * a_full @ p_full.T / 2.0, dim=-1)
     q = torch.softmax(4.0 * a_small.detach() @ p_small.T / 2.0, dim=-1)
     kl = (p * (p.log() - q.log())).sum(-1).mean().item()
     assert out["kl/L1-D2"].item() == pytest.approx(2.0 * kl, rel=1e-9)
+
+
+def test_each_group_is_a_mean_so_adding_cells_keeps_the_shares():
+    """full / last-layer dims / earlier layers / KL each add weight x (mean over the group) to the objective."""
+    generator = torch.Generator().manual_seed(0)
+    anchors = F.normalize(torch.randn(4, 8, generator=generator, dtype=torch.float64), dim=-1)
+    positives = F.normalize(anchors + 0.5 * torch.randn(4, 8, generator=generator, dtype=torch.float64), dim=-1)
+    cells = [Cell(3, 8), Cell(3, 4), Cell(3, 2), Cell(1, 2), Cell(2, 4), Cell(2, 8)]
+    embeddings = {
+        c: [F.normalize(anchors[:, : c.dim], dim=-1), F.normalize(positives[:, : c.dim], dim=-1)] for c in cells
+    }
+    batch = CellBatch(embeddings, [{}, {}], Cell(3, 8), None)
+    out = Matryoshka2dLoss(InfoNCELoss(scale=5.0), full_weight=1.0, dims_weight=2.0, layers_weight=3.0, kl_weight=0.0)(
+        batch
+    )
+
+    def infonce(cell):
+        return hand_infonce(*embeddings[cell], 5.0)
+
+    assert out["loss/L3-D8"].item() == pytest.approx(infonce(Cell(3, 8)), rel=1e-9)
+    dims = [Cell(3, 4), Cell(3, 2)]
+    assert sum(out[f"loss/{c.name2d}"].item() for c in dims) == pytest.approx(2.0 * sum(map(infonce, dims)) / 2)
+    earlier = [Cell(1, 2), Cell(2, 4), Cell(2, 8)]
+    assert sum(out[f"loss/{c.name2d}"].item() for c in earlier) == pytest.approx(3.0 * sum(map(infonce, earlier)) / 3)
 
 
 def test_kl_gradient_reaches_only_the_small_cell():
@@ -69,31 +95,44 @@ def test_kl_gradient_reaches_only_the_small_cell():
     assert a_full.grad is None and a_small.grad.abs().sum() > 0
 
 
-def test_starbucks_selection_is_every_cell_plus_full():
+def test_starbucks_selection_is_every_cell_plus_every_dim_of_the_last_layer():
     grid = Grid.from_spec(cells=["L1-D8", "L2-D16"])
     selection = CellSelection(grid, Cell(4, 32), "starbucks")
-    assert selection.cells_for_step() == [Cell(1, 8), Cell(2, 16), Cell(4, 32)]
+    assert selection.cells_for_step() == [Cell(1, 8), Cell(2, 16), Cell(4, 8), Cell(4, 16), Cell(4, 32)]
 
 
-def test_2dmse_selection_samples_one_layer_and_one_dim_plus_the_last_and_full():
+def test_2dmse_selection_samples_one_earlier_layer_and_one_dim_beside_the_last_layer():
     grid = Grid.from_spec(layers=[1, 2, 3, 4], dims=[8, 16, 32])
     selection = CellSelection(grid, Cell(4, 32), "2dmse", seed=0)
+    last_layer = [Cell(4, 8), Cell(4, 16), Cell(4, 32)]
     seen = set()
     for _ in range(30):
         cells = selection.cells_for_step()
-        assert len(cells) == 4 and Cell(4, 32) in cells
-        assert {c.layers for c in cells} - {4} and {c.dim for c in cells} - {32}
-        seen.update(cells)
-    assert len(seen) > 6  # sampling actually varies
+        earlier = [c for c in cells if c.layers < 4]
+        assert set(last_layer) <= set(cells) and len(earlier) == 2
+        assert len({c.layers for c in earlier}) == 1 and {c.dim for c in earlier} >= {32}
+        seen.update(earlier)
+    assert len(seen) > 4  # sampling actually varies
     again = CellSelection(grid, Cell(4, 32), "2dmse", seed=0)
     assert again.cells_for_step() == CellSelection(grid, Cell(4, 32), "2dmse", seed=0).cells_for_step()
+
+
+def test_2dmse_sampler_state_round_trips():
+    grid = Grid.from_spec(layers=[1, 2, 3, 4], dims=[8, 16, 32])
+    selection = CellSelection(grid, Cell(4, 32), "2dmse", seed=3)
+    selection.cells_for_step()
+    state = selection.state_dict()
+    expected = [selection.cells_for_step() for _ in range(5)]
+    resumed = CellSelection(grid, Cell(4, 32), "2dmse", seed=99)
+    resumed.load_state_dict(state)
+    assert [resumed.cells_for_step() for _ in range(5)] == expected
 
 
 def test_layer_embedding_equals_a_physically_truncated_model(tiny_model):
     texts = ["a wing in a slipstream", "boundary layers", "shock waves at high speed"]
     features = tiny_model.preprocess(texts)
     with torch.no_grad():
-        layers = embed_layers(tiny_model, features, [2, 4])
+        layers = layer_embeddings(tiny_model, features, [2, 4])
         truncated = copy.deepcopy(tiny_model)
         encoder = truncated[0].auto_model.encoder
         encoder.layer = encoder.layer[:2]
@@ -114,7 +153,8 @@ def test_elastic_loss_runs_the_model_once_per_input_column(tiny_model):
     columns = [tiny_model.preprocess(["query one", "query two"]), tiny_model.preprocess(["doc one", "doc two"])]
     out = loss(columns, None)
     assert len(calls) == 2
-    assert {k for k in out if k.startswith("loss/")} == {"loss/L1-D8", "loss/L2-D16", "loss/L3-D24", "loss/L4-D32"}
+    expected = {"loss/L1-D8", "loss/L2-D16", "loss/L3-D24", "loss/L4-D8", "loss/L4-D16", "loss/L4-D24", "loss/L4-D32"}
+    assert {k for k in out if k.startswith("loss/")} == expected
     torch.stack(list(out.values())).sum().backward()
     first_layer = transformer.auto_model.encoder.layer[0].attention.self.query.weight
     assert first_layer.grad is not None and first_layer.grad.abs().sum() > 0

@@ -1,27 +1,40 @@
-"""Every layer's sentence embedding from ONE forward pass.
+"""The one definition of a cell's vector, used by training, evaluation, ``load(...).at(cell)`` and export.
 
-The transformer runs once with ``output_hidden_states``; the token states of layer ``l`` then go through
-the model's own modules after the transformer (its Pooling, Dense, Normalize...), exactly as the last
-layer does. Layer ``l`` means ``hidden_states[l]``: 0 is the embedding output, ``num_layers`` the last.
+For a cell ``L<l>-D<d>-B<b>`` and a text:
 
-Models with a final norm after the last block (pre-norm decoders such as Llama or Qwen) return a
-normalised last state but un-normalised intermediate ones, since Hugging Face applies that norm only
-to the final output. Such intermediate cells see pre-norm states; training them with the 2D Matryoshka
-losses teaches the model to make them usable. BERT-style encoders (norm inside every block) have no
-such difference.
+1. **Layer exit.** ``h_l``, the token states after the first ``l`` transformer blocks. Models with a norm
+   after their last block (pre-norm models: Llama, Qwen, Mistral, ModernBERT...) get that **final norm
+   applied at every exit**, ``norm(h_l)``, exactly as a model truncated to ``l`` blocks computes it; so a
+   cell is the same vector whether it is cut from one full forward pass (training, evaluation) or computed by
+   a model that runs only ``l`` blocks (serving with early exit, an exported cell). Post-norm encoders
+   (BERT, MiniLM, MPNet) have no final norm and use ``h_l`` as is.
+2. **The model's own modules** after the transformer: its Pooling (mean, CLS, last token...), Dense,
+   Normalize, exactly as for the last layer.
+3. **Dim prefix**: the first ``d`` coordinates, re-normalised to unit length (Matryoshka truncation).
+4. **Code** (``b < 32``): the binarization heads' ``b``-bit code of that unit vector; a model without trained
+   heads uses the parameter-free residual sign quantiser (``BinaryHeads.parameter_free``), whose 1-bit code
+   is the sign of each coordinate. Codes score by ``trainer.binary.codes.code_scores``.
+
+``layer_embeddings`` does steps 1-2 for several layers from ONE forward pass (``output_hidden_states``);
+``cell_vector`` step 3; ``cell_codes`` step 4; ``encode_layers`` runs steps 1-2 over texts in batches.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from sentence_transformers import SentenceTransformer
 from torch import Tensor, nn
 
+from trainer.binary.codes import PackedCodes
+from trainer.binary.heads import BinaryHeads
 from trainer.grid import Cell
+
+FINAL_NORM_NAMES = ("norm", "final_norm", "ln_f", "final_layer_norm", "final_layernorm")
 
 
 def transformer_config(model: SentenceTransformer):
@@ -46,24 +59,48 @@ def layer_stack(model: SentenceTransformer) -> tuple[nn.Module, str]:
     raise ValueError(f"cannot find the list of {depth} transformer blocks in {type(model[0].auto_model).__name__}")
 
 
+def final_norm(model: SentenceTransformer) -> nn.Module | None:
+    """The norm a pre-norm model applies after its last block (``norm``, ``final_norm``, ``ln_f``...), else None.
+
+    It is looked up among the children of the base model and of the module holding the block list.
+    """
+    parent, _ = layer_stack(model)
+    for owner in (model[0].auto_model, parent):
+        for name in FINAL_NORM_NAMES:
+            module = getattr(owner, name, None)
+            if isinstance(module, nn.Module) and "norm" in type(module).__name__.lower():
+                return module
+    return None
+
+
 def keep_layers(model: SentenceTransformer, layers: int) -> None:
     """Physically drop every block after the first ``layers`` (and say so in the config)."""
     parent, attribute = layer_stack(model)
     setattr(parent, attribute, nn.ModuleList(list(getattr(parent, attribute))[:layers]))
-    transformer_config(model).num_hidden_layers = layers
+    config = transformer_config(model)
+    config.num_hidden_layers = layers
+    if isinstance(getattr(config, "layer_types", None), list):  # per-layer attention types (Qwen, Gemma...)
+        config.layer_types = config.layer_types[:layers]
 
 
 @contextmanager
 def early_exit(model: SentenceTransformer, layers: int) -> Iterator[None]:
     """Run only the first ``layers`` blocks inside the block (real early exit), then restore the model."""
     parent, attribute = layer_stack(model)
-    blocks, depth = getattr(parent, attribute), num_layers(model)
+    config = transformer_config(model)
+    blocks, depth, layer_types = (
+        getattr(parent, attribute),
+        config.num_hidden_layers,
+        getattr(config, "layer_types", None),
+    )
     keep_layers(model, layers)
     try:
         yield
     finally:
         setattr(parent, attribute, blocks)
-        transformer_config(model).num_hidden_layers = depth
+        config.num_hidden_layers = depth
+        if layer_types is not None:
+            config.layer_types = layer_types
 
 
 @contextmanager
@@ -78,29 +115,35 @@ def hidden_states_enabled(model: SentenceTransformer) -> Iterator[None]:
         config.output_hidden_states = previous
 
 
-def embed_layers(
+def layer_embeddings(
     model: SentenceTransformer,
     features: dict[str, Tensor],
     layers: Iterable[int],
-    forward: nn.Module | None = None,
+    forward: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
 ) -> dict[int, Tensor]:
-    """Pooled sentence embeddings of each requested layer from one forward pass.
+    """Pooled sentence embeddings of each requested layer exit (steps 1-2 of the module docstring), from one
+    forward pass. ``layers`` may include the model's current depth, whose embedding is the model's own output.
 
-    ``forward`` is the module to call for the pass, e.g. the DDP-wrapped model during distributed
-    training (so gradient synchronisation sees the call); ``model`` is the plain SentenceTransformer
-    whose modules pool the intermediate layers.
+    ``forward`` is what to call for the pass, e.g. the DDP-wrapped model during distributed training (so
+    gradient synchronisation sees the call); ``model`` is the plain SentenceTransformer whose modules pool
+    the intermediate layers.
     """
+    layers = sorted(set(layers))
+    depth = num_layers(model)
+    if layers[0] < 1 or layers[-1] > depth:
+        raise ValueError(f"layers {layers} are not exits of a model with {depth} blocks")
     with hidden_states_enabled(model):
         output = (forward or model)(dict(features))
     hidden = output["all_layer_embeddings"]
-    last = len(hidden) - 1
+    norm = final_norm(model)
     after_transformer = list(model.children())[1:]
     result: dict[int, Tensor] = {}
-    for layer in sorted(set(layers)):
-        if layer == last:
+    for layer in layers:
+        if layer == depth:
             result[layer] = output["sentence_embedding"]
             continue
-        pooled = {**output, "token_embeddings": hidden[layer]}
+        states = norm(hidden[layer]) if norm is not None else hidden[layer]
+        pooled = {**output, "token_embeddings": states}
         pooled.pop("sentence_embedding", None)
         for module in after_transformer:
             pooled = module(pooled)
@@ -108,9 +151,22 @@ def embed_layers(
     return result
 
 
-def cell_embedding(layer_embeddings: dict[int, Tensor], cell: Cell) -> Tensor:
-    """A float cell's embedding: the layer's first ``cell.dim`` dims, re-normalised to unit length."""
-    return F.normalize(layer_embeddings[cell.layers][..., : cell.dim].float(), dim=-1)
+def cell_vector(layers: dict[int, Tensor], cell: Cell) -> Tensor:
+    """A float cell's vector (step 3): the layer's first ``cell.dim`` dims, re-normalised to unit length."""
+    return F.normalize(layers[cell.layers][..., : cell.dim].float(), dim=-1)
+
+
+def code_heads(heads: BinaryHeads | None, cell: Cell) -> BinaryHeads:
+    """The heads that encode ``cell``: the trained ones, else the parameter-free residual sign quantiser."""
+    if heads is not None:
+        heads.check_serves(cell)
+        return heads
+    return BinaryHeads.parameter_free([cell.dim], bits=list(range(1, cell.bits + 1)))
+
+
+def cell_codes(vectors: Tensor | np.ndarray, cell: Cell, heads: BinaryHeads | None) -> PackedCodes:
+    """A binary cell's codes (step 4) of its unit float vectors (N, cell.dim)."""
+    return code_heads(heads, cell).encode(vectors, cell)
 
 
 @torch.inference_mode()
@@ -122,7 +178,7 @@ def encode_layers(
     show_progress_bar: bool = False,
     prompt: str | None = None,
 ) -> dict[int, Tensor]:
-    """Float32 embeddings (CPU) of every requested layer for ``texts``, each text encoded once."""
+    """Float32 embeddings (CPU) of every requested layer exit for ``texts``, each text encoded once."""
     from tqdm.auto import tqdm
 
     layers = sorted(set(layers))
@@ -130,14 +186,30 @@ def encode_layers(
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # length-sorted batches, like encode()
     chunks: dict[int, list[Tensor]] = {layer: [] for layer in layers}
     starts = range(0, len(texts), batch_size)
-    for start in tqdm(starts, desc="Encoding", disable=not show_progress_bar):
+    for start in tqdm(starts, desc="Encoding", unit="batch", disable=not show_progress_bar):
         batch = [texts[i] for i in order[start : start + batch_size]]
         if prompt:
             batch = [prompt + t for t in batch]
         features = model.preprocess(batch)
         features = {k: v.to(model.device) if isinstance(v, Tensor) else v for k, v in features.items()}
-        for layer, emb in embed_layers(model, features, layers).items():
+        for layer, emb in layer_embeddings(model, features, layers).items():
             chunks[layer].append(emb.float().cpu())
     inverse = torch.empty(len(texts), dtype=torch.long)
     inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(texts))
     return {layer: torch.cat(parts)[inverse] if parts else torch.empty(0) for layer, parts in chunks.items()}
+
+
+def encode_cell(
+    model: SentenceTransformer,
+    texts: list[str],
+    cell: Cell,
+    heads: BinaryHeads | None = None,
+    batch_size: int = 32,
+    prompt: str | None = None,
+) -> np.ndarray | PackedCodes:
+    """One cell of ``texts``, running only the cell's first ``cell.layers`` blocks (serving, early exit):
+    float32 (N, dim) unit vectors for B32 cells, packed codes for binary ones."""
+    with early_exit(model, cell.layers):
+        layers = encode_layers(model, texts, [cell.layers], batch_size=batch_size, prompt=prompt)
+    vectors = cell_vector(layers, cell)
+    return vectors.numpy() if cell.is_float else cell_codes(vectors, cell, heads)

@@ -2,15 +2,19 @@
 
 Canonical text form: ``L4-D128-B1`` (4 transformer layers, the first 128 dims, 1 bit per dim).
 ``B32`` means float32, and ``L4-D128`` is shorthand for ``L4-D128-B32``. Training, evaluation,
-export and publishing all parse and validate cells here and nowhere else.
+export and publishing all parse and validate cells here and nowhere else (``Cell.parse`` for one cell,
+``parse_cells`` for a list in any form a user types), and ``CellSelection`` says which cells a
+training step uses.
 """
 
 from __future__ import annotations
 
 import itertools
+import random
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from trainer.errors import UserError
 
@@ -163,9 +167,78 @@ class Grid:
             cell.check_fits(num_layers, embedding_dim, key="cells")
 
 
+def parse_cells(items: str | Iterable[str | Sequence[int] | Cell], key: str = "cells") -> list[Cell]:
+    """Cells in every form a user types: ``"L2-D64, L6-D384-B1"``, ``"[L2-D64 L6-D384]"``, a list of such
+    strings (``--cells L2-D64,L6-D384 L1-D32``), ``Cell`` objects or ``[layers, dim]`` pairs."""
+    if isinstance(items, (str, Cell)):
+        items = [items]
+    cells = []
+    for item in items:
+        if isinstance(item, Cell):
+            cells.append(item)
+        elif isinstance(item, str):
+            words = item.replace(",", " ").replace("[", " ").replace("]", " ").split()
+            cells += [Cell.parse(word, key=key) for word in words]
+        elif isinstance(item, Sequence) and len(item) == 2 and all(isinstance(v, int) for v in item):
+            cells.append(Cell(int(item[0]), int(item[1])))
+        else:
+            raise UserError(f"{key}: {item!r} is not a cell; use the form L4-D128 (or L4-D128-B1, or [4, 128])")
+    if not cells:
+        raise UserError(f"{key}: no cells given; e.g. L2-D64, L6-D384")
+    return cells
+
+
 def _cell_from_item(item: str | Sequence[int] | Cell) -> Cell:
-    if isinstance(item, (str, Cell)):
-        return Cell.parse(item, key="cells")
-    if isinstance(item, Sequence) and len(item) == 2:
-        return Cell(int(item[0]), int(item[1]))
-    raise UserError(f"cells: {item!r} is not a cell; use 'L4-D128' or [4, 128]")
+    (cell,) = parse_cells([item])
+    return cell
+
+
+SelectionMode = Literal["starbucks", "2dmse", "grid"]
+
+
+class CellSelection:
+    """Which float cells one training step uses: always every dim of the last layer (plain Matryoshka
+    truncation of the full model, ``full.layers`` x every grid dim up to ``full.dim``), plus earlier-layer cells:
+
+    - ``starbucks`` and ``grid``: every earlier-layer cell of the grid, every step (Zhuang et al. 2024,
+      "Starbucks: Improved Training for 2D Matryoshka Embeddings"; ``grid`` is every layer x every dim).
+    - ``2dmse``: ``n_layers_per_step`` sampled earlier layers, each crossed with the full dim plus
+      ``n_dims_per_step`` sampled dims (Li et al. 2024, "2D Matryoshka Sentence Embeddings"). The generator is
+      seeded identically on every process, so all ranks train the same cells; its state is part of a
+      checkpoint (``state_dict``), so a resumed run samples what an uninterrupted one would.
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        full: Cell,
+        mode: SelectionMode = "starbucks",
+        n_layers_per_step: int = 1,
+        n_dims_per_step: int = 1,
+        seed: int = 42,
+    ) -> None:
+        self.grid, self.full, self.mode = grid, full, mode
+        self.n_layers_per_step, self.n_dims_per_step = n_layers_per_step, n_dims_per_step
+        self._random = random.Random(seed)
+        self.last_layer = [Cell(full.layers, dim) for dim in sorted({*grid.dims, full.dim}) if dim <= full.dim]
+
+    def earlier_cells(self) -> list[Cell]:
+        """The earlier-layer cells of this step."""
+        earlier = [cell for cell in self.grid.cells if cell.layers < self.full.layers]
+        if self.mode != "2dmse":
+            return sorted(earlier)
+        prior_layers = sorted({cell.layers for cell in earlier})
+        smaller_dims = [dim for dim in self.grid.dims if dim < self.full.dim]
+        layers = self._random.sample(prior_layers, min(self.n_layers_per_step, len(prior_layers)))
+        dims = [self.full.dim] + self._random.sample(smaller_dims, min(self.n_dims_per_step, len(smaller_dims)))
+        return sorted(Cell(layer, dim) for layer in layers for dim in dims)
+
+    def cells_for_step(self) -> list[Cell]:
+        return sorted({*self.last_layer, *self.earlier_cells()})
+
+    def state_dict(self) -> dict:
+        return {"random": self._random.getstate()}
+
+    def load_state_dict(self, state: dict) -> None:
+        version, internal, gauss = state["random"]
+        self._random.setstate((version, tuple(internal), gauss))

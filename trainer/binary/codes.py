@@ -3,9 +3,19 @@
 A code of ``B`` bits per dim is ``B`` bit planes ``b_0 .. b_{B-1}`` in {-1, +1}^m; its float form is
 ``e = sum_i 2^-i * b_i`` (Gan et al., "Binary Embedding-based Retrieval at Tencent", KDD 2023). Planes are
 stored with ``numpy.packbits`` (bit 1 means +1), one uint8 row of ``m / 8`` bytes per plane, plus the
-float form's norm for cosine. The inner product of two codes needs only popcounts:
+float form's norm. The inner product of two codes needs only popcounts:
 
     <e_q, e_d> = sum_{i,j} 2^-(i+j) * (m - 2 * Hamming(b_i^q, b_j^d))
+
+**The one scoring rule** of this project (``code_scores``): two codes score the cosine of their float forms,
+
+    s(q, d) = <e_q, e_d> / (|e_q| |e_d|)
+
+It is what the training losses optimise (dot products of normalised float forms), what the evaluation ranks
+by, what an exported binary cell's similarity computes and what search helpers must reproduce. For 1 bit all
+norms are ``sqrt(m)``, so it ranks exactly like Hamming distance; for more bits the raw inner product would
+favour documents whose code has a large norm (measured on cranfield, cisi and npl: cosine ranks better at
+every depth).
 
 Dims must be a multiple of 8: packbits would otherwise pad with zero bits, which read as -1 and would
 change every score, so such dims are refused rather than padded.
@@ -103,8 +113,8 @@ def inner_products(queries: PackedCodes, docs: PackedCodes, chunk: int = 256) ->
     return scores
 
 
-def cosine_scores(queries: PackedCodes, docs: PackedCodes) -> np.ndarray:
-    """Cosine of the float forms, computed on the packed codes."""
+def code_scores(queries: PackedCodes, docs: PackedCodes) -> np.ndarray:
+    """(Q, D) scores of codes: the cosine of their float forms, from popcounts and the stored norms (the rule)."""
     return inner_products(queries, docs) / np.outer(queries.norms, docs.norms).clip(min=1e-12)
 
 

@@ -1,24 +1,28 @@
 """Export one cell of a checkpoint as a standalone sentence-transformers model.
 
-The blocks after ``cell.layers`` are physically removed (``num_hidden_layers`` updated). The cell's
-re-normalised prefix is built from sentence-transformers' own modules: a bias-free ``Dense`` whose weight is
-the identity on the first ``cell.dim`` dims (an exact copy of them) and a ``Normalize``; ``truncate_dim``
-is set to match. A float cell therefore loads with a plain ``SentenceTransformer(dir)``. A binary cell adds
-a ``BinaryCodeHead`` that outputs the code's float form, which needs ``trust_remote_code=True``.
+The exported model computes the cell's vector exactly as ``trainer.cell_vectors`` defines it: the blocks
+after ``cell.layers`` are physically removed (``num_hidden_layers`` updated; a pre-norm model keeps its final
+norm, which then follows the cell's last block), the model's own modules pool, a bias-free ``Dense`` whose
+weight is the identity on the first ``cell.dim`` dims copies them exactly and ``Normalize`` re-normalises;
+``truncate_dim`` is set to match. A float cell therefore loads with a plain ``SentenceTransformer(dir)``.
+A binary cell adds a ``BinaryCodeHead`` that outputs the code's float form (cosine of float forms is the
+code score), which needs ``trust_remote_code=True``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules import Dense, Normalize
 from torch import nn
+from tqdm.auto import tqdm
 
 from trainer.binary.module import BinaryCodeHead
-from trainer.cell_vectors import embedding_dim, keep_layers
+from trainer.cell_vectors import code_heads, embedding_dim, keep_layers
 from trainer.errors import UserError
 from trainer.grid import Cell
 from trainer.serve.model import load
@@ -32,26 +36,42 @@ def prefix_modules(width: int, dim: int) -> list[nn.Module]:
     return [Dense(width, dim, bias=False, activation_function=nn.Identity(), init_weight=identity), Normalize()]
 
 
+def check_output_folder(out: Path, overwrite: bool, key: str = "--out") -> None:
+    """Refuse a file, a non-empty folder (unless ``overwrite``) or a folder that cannot be written."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{key}: {str(out)!r} is a file; give a folder path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{key}: {str(out)!r} is not empty; choose a new folder or pass --overwrite")
+    parent = out if out.is_dir() else next((p for p in out.parents if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{key}: {str(parent)!r} is not writable")
+
+
 def export_cell(checkpoint: str | Path, cell: str | Cell, out: str | Path, overwrite: bool = False) -> Path:
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--out: {str(out)!r} is not empty; choose a new folder or pass --overwrite")
+    cell = Cell.parse(cell, key="--cell")
+    check_output_folder(out, overwrite)
+    steps = tqdm(total=3, desc=f"Exporting {cell}", unit="step")
     elastic = load(checkpoint)
-    cell = elastic.check_cell(Cell.parse(cell, key="--cell"))
+    cell = elastic.check_cell(cell)
+    steps.update()
     model = elastic.model
     keep_layers(model, cell.layers)
     modules = [*model.children(), *prefix_modules(embedding_dim(model), cell.dim)]
     if not cell.is_float:
-        head = elastic.heads.head_for(cell)
-        modules.append(BinaryCodeHead.from_trained(head, cell.bits, elastic.heads.hidden))
+        heads = code_heads(elastic.heads, cell)
+        modules.append(BinaryCodeHead.from_trained(heads.head_for(cell), cell.bits, heads.hidden))
     exported = SentenceTransformer(
         modules=modules,
         truncate_dim=cell.dim,
         prompts=model.prompts,
         default_prompt_name=model.default_prompt_name,
-        similarity_fn_name=model.similarity_fn_name,
+        similarity_fn_name="cosine",
     )
+    steps.update()
     exported.save(str(out))
     info = {"cell": str(cell), "source": str(checkpoint), "base_model": (elastic.manifest or {}).get("base_model")}
     (out / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    steps.update()
+    steps.close()
     return out

@@ -1,9 +1,9 @@
 """A multi-granularity checkpoint: ``load(path).at("L4-D128-B2").encode(texts)``.
 
 The folder is a plain sentence-transformers model (``SentenceTransformer(path)`` loads the full float
-model) plus ``binary_heads/`` when codes were trained and ``elastic_manifest.json``. A cell runs only its
-first ``layers`` transformer blocks (real early exit), keeps its leading ``dim`` dims (re-normalised) and,
-below 32 bits, turns them into packed codes with the binarization head.
+model) plus ``binary_heads/`` when codes were trained and ``elastic_manifest.json``. A cell's vector is
+``trainer.cell_vectors``'s one definition, computed by running only the cell's first ``layers`` blocks
+(real early exit).
 """
 
 from __future__ import annotations
@@ -12,16 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch.nn.functional as F
-from huggingface_hub import snapshot_download
 from sentence_transformers import SentenceTransformer
 
 from trainer.binary.codes import PackedCodes
 from trainer.binary.heads import BinaryHeads
-from trainer.cell_vectors import early_exit, embedding_dim, num_layers
-from trainer.errors import UserError
+from trainer.cell_vectors import code_heads, embedding_dim, encode_cell, num_layers
 from trainer.grid import Cell
-from trainer.serve.manifest import read_manifest
+from trainer.manifest import read_manifest
+from trainer.serve.checkpoint import resolve_model
 
 
 @dataclass
@@ -32,13 +30,11 @@ class ElasticModel:
     path: str
 
     def check_cell(self, cell: Cell) -> Cell:
-        """The cell if this checkpoint can serve it; a clear error otherwise."""
+        """The cell if this checkpoint can serve it (binary cells without trained heads: the parameter-free
+        residual sign quantiser); a clear error otherwise."""
         cell.check_fits(num_layers(self.model), embedding_dim(self.model))
-        if cell.is_float:
-            return cell
-        if self.heads is None:
-            raise UserError(f"{cell}: {self.path} has no binarization heads, so only B32 (float) cells exist")
-        self.heads.check_serves(cell)
+        if not cell.is_float:
+            code_heads(self.heads, cell)
         return cell
 
     def at(self, cell: str | Cell) -> CellEncoder:
@@ -52,25 +48,13 @@ class CellEncoder:
     elastic: ElasticModel
     cell: Cell
 
-    def encode_float(self, texts: list[str], batch_size: int = 32, **kwargs) -> np.ndarray:
-        """The float cell: layer ``cell.layers`` pooled, first ``cell.dim`` dims, unit length."""
-        model = self.elastic.model
-        with early_exit(model, self.cell.layers):
-            embeddings = model.encode(texts, batch_size=batch_size, convert_to_tensor=True, **kwargs)
-        return F.normalize(embeddings[:, : self.cell.dim].float(), dim=-1).cpu().numpy()
-
-    def encode(self, texts: list[str], batch_size: int = 32, **kwargs) -> np.ndarray | PackedCodes:
-        """Float32 array (N, dim) for B32 cells, packed codes for binary ones."""
-        embeddings = self.encode_float(texts, batch_size, **kwargs)
-        if self.cell.is_float:
-            return embeddings
-        return self.elastic.heads.encode(embeddings, self.cell)
+    def encode(self, texts: list[str], batch_size: int = 32, prompt: str | None = None) -> np.ndarray | PackedCodes:
+        """Float32 array (N, dim) of unit vectors for B32 cells, packed codes for binary ones."""
+        return encode_cell(self.elastic.model, texts, self.cell, self.elastic.heads, batch_size, prompt)
 
 
 def load(path: str | Path, revision: str | None = None, **model_kwargs) -> ElasticModel:
-    """Load a checkpoint folder or Hub repo (any sentence-transformers model works: float cells only)."""
-    local = Path(path)
-    if not local.is_dir():
-        local = Path(snapshot_download(str(path), revision=revision))
+    """Load a checkpoint folder or Hub repo (any sentence-transformers model works)."""
+    local = resolve_model(str(path), key="checkpoint", revision=revision)
     model = SentenceTransformer(str(local), **model_kwargs)
     return ElasticModel(model, BinaryHeads.load(local), read_manifest(local), str(path))

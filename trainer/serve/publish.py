@@ -20,8 +20,8 @@ from safetensors import safe_open
 from trainer.binary.heads import HEADS_FOLDER, BinaryHeads
 from trainer.errors import UserError
 from trainer.grid import Cell
+from trainer.manifest import MANIFEST_NAME, read_manifest
 from trainer.serve.card import render_card
-from trainer.serve.manifest import MANIFEST_NAME, read_manifest
 
 SKIPPED = ("checkpoint-", "training_args.bin", "runs", "eval", "README.md")
 EVAL_FILES = ("grid.json", "pareto.png")

@@ -19,11 +19,12 @@ import torch
 from sentence_transformers import SentenceTransformer
 from torch import Tensor
 
-from trainer.binary.heads import BinaryConfig, BinaryHeads
-from trainer.cell_vectors import cell_embedding, embedding_dim, encode_layers, num_layers, transformer_config
+from trainer.binary.heads import BinaryHeads
+from trainer.cell_vectors import cell_vector, embedding_dim, encode_layers, num_layers, transformer_config
 from trainer.errors import UserError
 from trainer.grid import Cell, Grid
 from trainer.train.losses.binary import EmbeddingToEmbeddingLoss
+from trainer.train.recipe import BinaryConfig
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def train_heads_only(
     cache_dir = Path(config.cache_dir) if config.cache_dir else Path(output_dir) / CACHE_FOLDER
     layers = cached_layer_embeddings(model, unique, grid.layers, cache_dir)
     heads = fit_heads(layers, grid, config, pair_index)
-    heads.save_pretrained(output_dir)
+    heads.save(output_dir)
     return heads
 
 
@@ -135,7 +136,7 @@ def fit_heads(
 
 def _cells(layers: dict[int, Tensor], rows: Tensor, grid: Grid) -> dict[Cell, Tensor]:
     selected = {layer: embeddings[rows] for layer, embeddings in layers.items()}
-    return {cell: cell_embedding(selected, cell) for cell in grid.cells}
+    return {cell: cell_vector(selected, cell) for cell in grid.cells}
 
 
 def _pair_cells(

@@ -11,14 +11,18 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from trainer.binary.codes import check_packable
+from trainer.binary.heads import SHARING, Sharing, check_bits
 from trainer.errors import UserError
-from trainer.grid import Cell, Grid
+from trainer.grid import Grid, parse_cells
 
 LOSS_TYPES = ("starbucks", "2dmse", "grid")
 OUR_TRAINING_KEYS = ("overwrite_output_dir",)
@@ -99,10 +103,15 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    """2D Matryoshka settings. ``cells`` (e.g. ``[L2-D32, L6-D384]``) or ``layers`` x ``dims``.
+    """2D Matryoshka settings (``trainer.train.losses.matryoshka2d``).
 
-    ``grid`` without ``layers`` trains every layer of the model. ``contrastive_weight: 0`` turns the
-    contrastive/KL term off (label-free distillation).
+    The trained cells are every dim of the last layer (plain Matryoshka truncation of the full model) plus
+    the earlier-layer cells of ``cells`` (e.g. ``[L1-D32, L2-D64, L3-D128]``) or ``layers`` x ``dims``;
+    ``type`` says how they are used (``starbucks``: the listed cells every step; ``grid``: every layer x dim
+    every step, all layers when ``layers`` is absent; ``2dmse``: sampled per step). The objective is
+    ``full_weight`` x the full cell's InfoNCE + ``dims_weight`` x the mean over the last layer's smaller
+    dims + ``layers_weight`` x the mean over the earlier-layer cells + ``kl_weight`` x the mean KL of each
+    cell to the full cell. ``contrastive_weight: 0`` turns this term off (label-free distillation).
     """
 
     type: Literal["starbucks", "2dmse", "grid"] = "starbucks"
@@ -113,7 +122,9 @@ class LossConfig:
     symmetric: bool = False
     gather_across_devices: bool = True
     contrastive_weight: float = 1.0
-    cell_weights: dict[str, float] = field(default_factory=dict)
+    full_weight: float = 1.0
+    dims_weight: float = 1.0
+    layers_weight: float = 1.0
     kl_weight: float = 1.0
     kl_temperature: float = 1.0
     n_layers_per_step: int = 1
@@ -126,7 +137,7 @@ class LossConfig:
         for name in ("scale", "kl_temperature"):
             if getattr(self, name) <= 0:
                 raise UserError(f"loss.{name}: must be > 0, got {getattr(self, name)}")
-        for name in ("contrastive_weight", "kl_weight"):
+        for name in ("contrastive_weight", "full_weight", "dims_weight", "layers_weight", "kl_weight"):
             if getattr(self, name) < 0:
                 raise UserError(f"loss.{name}: must be >= 0, got {getattr(self, name)}")
         for name in ("n_layers_per_step", "n_dims_per_step"):
@@ -139,16 +150,150 @@ class LossConfig:
         if self.type == "grid" and layers is None and self.cells is None:
             layers = list(range(1, num_layers + 1))
         try:
-            grid = Grid.from_spec(cells=self.cells, layers=layers, dims=self.dims)
+            cells = parse_cells(self.cells, key="cells") if self.cells is not None else None
+            grid = Grid.from_spec(cells=cells, layers=layers, dims=self.dims)
             if self.type == "starbucks" and self.cells is not None:
                 grid.check_nested()
             grid.check_fits(num_layers, embedding_dim)
-            for name in self.cell_weights:
-                if Cell.parse(name, key="loss.cell_weights") not in grid.cells:
-                    raise UserError(f"loss.cell_weights: {name} is not one of the trained cells")
         except UserError as error:
             raise UserError(f"loss.{error}") from None
         return grid
+
+
+SELF_TEACHER = "self"
+MODES = ("joint", "head-only")
+
+
+@dataclass
+class BinaryConfig:
+    """The recipe's ``binary:`` section.
+
+    ``bits``: the code depths trained (and later servable), e.g. ``[1, 2, 4]``; the head has
+    ``max(bits) - 1`` residual steps and a loss at every listed depth. ``hidden``: width of every MLP block.
+    ``sharing``: ``dim`` or ``cell`` (see the module docstring). ``mode``: ``joint`` (encoder and heads
+    together, ``trainer.losses.binary``) or ``head-only`` (frozen encoder, ``trainer.head_only``).
+    ``weight`` / ``kl_weight`` / ``kl_temperature`` / ``scale``: the weight of the code InfoNCE group (its mean
+    over cells and depths), of the KL-to-the-float-cell group, the KL temperature, and the logit scale
+    (1 / temperature) of the InfoNCE. ``encoder_grad``: how much of the codes' gradient reaches the encoder in
+    joint training (0: the codes never move it, 1: fully). ``lr``: the heads' learning rate, in both modes
+    (not the encoder's fine-tuning rate). Head-only settings: ``steps``, ``batch_size``, ``weight_decay``,
+    ``max_texts`` (cap on the number of raw texts encoded, None = all), ``seed``, ``cache_dir`` (where float
+    embeddings are cached, None = ``<output_dir>/binary_heads_cache``).
+    """
+
+    bits: list[int] = field(default_factory=lambda: [1, 2, 4])
+    hidden: int = 512
+    sharing: Sharing = "dim"
+    mode: Literal["joint", "head-only"] = "joint"
+    weight: float = 1.0
+    kl_weight: float = 1.0
+    kl_temperature: float = 1.0
+    scale: float = 20.0
+    encoder_grad: float = 1.0
+    steps: int = 1000
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    max_texts: int | None = None
+    seed: int = 42
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        self.bits = check_bits(self.bits, key="binary.bits")
+        if self.sharing not in SHARING:
+            raise UserError(f"binary.sharing: {self.sharing!r} is not valid; use one of {list(SHARING)}")
+        if self.mode not in MODES:
+            raise UserError(f"binary.mode: {self.mode!r} is not valid; use one of {list(MODES)}")
+        for key in ("hidden", "steps", "batch_size"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise UserError(f"binary.{key}: {value!r} is not valid; use a positive integer")
+        if self.batch_size < 2:
+            raise UserError(f"binary.batch_size: {self.batch_size} is not valid; in-batch InfoNCE needs >= 2")
+        for key in ("scale", "kl_temperature", "lr"):
+            if getattr(self, key) <= 0:
+                raise UserError(f"binary.{key}: {getattr(self, key)!r} is not valid; use a number > 0")
+        if not 0 <= self.encoder_grad <= 1:
+            raise UserError(f"binary.encoder_grad: {self.encoder_grad!r} is not valid; use a number in [0, 1]")
+        for key in ("weight", "kl_weight", "weight_decay"):
+            if getattr(self, key) < 0:
+                raise UserError(f"binary.{key}: {getattr(self, key)!r} is not valid; use a number >= 0")
+        if self.max_texts is not None and self.max_texts < 2:
+            raise UserError(f"binary.max_texts: {self.max_texts!r} is not valid; use None or an integer >= 2")
+
+    def check_dims(self, dims: Iterable[int]) -> None:
+        """Raise UserError when a grid dim cannot be packed into whole bytes."""
+        for dim in dims:
+            try:
+                check_packable(dim)
+            except UserError as error:
+                raise UserError(f"binary: grid dim {dim} cannot get binary codes: {error}") from error
+
+
+def default_cache_dir() -> str:
+    """``$XDG_CACHE_HOME/elastic-embeddings/teacher`` (``~/.cache`` when unset)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "elastic-embeddings", "teacher")
+
+
+def _positive_int(key: str, value: object, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        allowed = "a positive integer" + (" or null" if optional else "")
+        raise UserError(f"distill.{key}: {value!r} is not valid; give {allowed}")
+
+
+@dataclass
+class DistillConfig:
+    """The recipe's ``distill:`` section (loss weights and margin: Zhang et al. 2024, Jasper and Stella).
+
+    ``teacher`` is a sentence-transformers hub id, a local path, or ``"self"`` (a frozen copy of the
+    student's starting weights). ``max_seq_length`` None keeps the teacher's own; ``prompt`` None uses the
+    teacher's default prompt, if its config names one. ``relative_max_pairs`` bounds the relative loss's
+    pair list (see ``relative_similarity_loss``). ``projection_lr`` is the learning rate of the randomly
+    initialised projection to the teacher's width (when widths differ): it must fit the student quickly,
+    not the student fit a random projection.
+    """
+
+    teacher: str
+    cosine_weight: float = 10.0
+    similarity_weight: float = 200.0
+    relative_weight: float = 20.0
+    margin: float = 0.015
+    max_seq_length: int | None = None
+    prompt: str | None = None
+    cache_dir: str = field(default_factory=default_cache_dir)
+    batch_size: int = 64
+    trust_remote_code: bool = False
+    relative_max_pairs: int | None = 2048
+    projection_lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.teacher, str) or not self.teacher.strip():
+            raise UserError(
+                f"distill.teacher: {self.teacher!r} is not valid; give a sentence-transformers hub id, a path or 'self'"
+            )
+        weights = ("cosine_weight", "similarity_weight", "relative_weight", "margin", "projection_lr")
+        for key in weights:
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise UserError(f"distill.{key}: {value!r} is not valid; give a number >= 0")
+        if not (self.cosine_weight or self.similarity_weight or self.relative_weight):
+            raise UserError("distill: cosine_weight, similarity_weight and relative_weight are all 0; set one > 0")
+        _positive_int("max_seq_length", self.max_seq_length, optional=True)
+        _positive_int("batch_size", self.batch_size)
+        _positive_int("relative_max_pairs", self.relative_max_pairs, optional=True)
+        if self.prompt is not None and not isinstance(self.prompt, str):
+            raise UserError(f"distill.prompt: {self.prompt!r} is not valid; give a string or null")
+        if not isinstance(self.cache_dir, (str, os.PathLike)) or not str(self.cache_dir):
+            raise UserError(f"distill.cache_dir: {self.cache_dir!r} is not valid; give a folder path")
+        if not isinstance(self.trust_remote_code, bool):
+            raise UserError(f"distill.trust_remote_code: {self.trust_remote_code!r} is not valid; give true or false")
+
+    def teacher_name(self, student_model_id: str) -> str:
+        """The model to load as teacher: ``student_model_id`` for ``"self"``, else ``teacher``."""
+        return student_model_id if self.teacher == SELF_TEACHER else self.teacher
 
 
 @dataclass
@@ -157,8 +302,8 @@ class Recipe:
     data: DataConfig
     loss: LossConfig
     training: dict[str, Any]
-    binary: Any = None  # trainer.binary.heads.BinaryConfig
-    distill: Any = None  # trainer.train.teacher.DistillConfig
+    binary: BinaryConfig | None = None
+    distill: DistillConfig | None = None
     path: str = ""
 
     @property
@@ -273,12 +418,8 @@ def parse_recipe(raw: dict[str, Any], path: str = "") -> Recipe:
     training = _check_training(raw["training"])
     binary = distill = None
     if raw.get("binary") is not None:
-        from trainer.binary.heads import BinaryConfig
-
         binary = build_section(BinaryConfig, raw["binary"], "binary")
     if raw.get("distill") is not None:
-        from trainer.train.teacher import DistillConfig
-
         distill = build_section(DistillConfig, raw["distill"], "distill")
     if loss.contrastive_weight == 0 and distill is None and binary is None:
         raise UserError("loss.contrastive_weight: 0 leaves nothing to train; add a distill or binary section")

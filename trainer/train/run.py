@@ -18,10 +18,10 @@ from transformers.trainer_utils import get_last_checkpoint
 from trainer.binary.heads import BinaryHeads
 from trainer.cell_vectors import embedding_dim, num_layers
 from trainer.errors import UserError
-from trainer.grid import Cell, Grid
-from trainer.serve.manifest import write_manifest
+from trainer.grid import Cell, CellSelection, Grid
+from trainer.manifest import write_manifest
 from trainer.train.data import load_sources, text_columns
-from trainer.train.losses import CellSelection, ElasticLoss, InfoNCELoss, Matryoshka2dLoss
+from trainer.train.losses import ElasticLoss, InfoNCELoss, Matryoshka2dLoss
 from trainer.train.losses.binary import BinaryCodeLoss
 from trainer.train.losses.distill import DistillationLoss
 from trainer.train.recipe import Recipe, load_recipe
@@ -72,9 +72,13 @@ def build_loss(recipe: Recipe, model: SentenceTransformer, grid: Grid, teacher_d
     terms: dict[str, nn.Module] = {}
     heads = None
     if config.contrastive_weight > 0:
-        weights = {Cell.parse(name): weight for name, weight in config.cell_weights.items()}
         terms["matryoshka"] = Matryoshka2dLoss(
-            contrastive, weights, config.kl_weight, config.kl_temperature, config.contrastive_weight
+            contrastive,
+            full_weight=config.contrastive_weight * config.full_weight,
+            dims_weight=config.contrastive_weight * config.dims_weight,
+            layers_weight=config.contrastive_weight * config.layers_weight,
+            kl_weight=config.contrastive_weight * config.kl_weight,
+            kl_temperature=config.kl_temperature,
         )
     if recipe.binary is not None:
         binary = recipe.binary
@@ -100,8 +104,9 @@ def build_loss(recipe: Recipe, model: SentenceTransformer, grid: Grid, teacher_d
             distill.margin,
             distill.relative_max_pairs,
         )
-    bits = tuple(recipe.binary.bits) if heads is not None else ()
-    return ElasticLoss(model, selection, terms, heads, bits)
+    if heads is None:
+        return ElasticLoss(model, selection, terms)
+    return ElasticLoss(model, selection, terms, heads, tuple(recipe.binary.bits), recipe.binary.encoder_grad)
 
 
 class LossStateCallback(TrainerCallback):

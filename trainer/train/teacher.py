@@ -12,10 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -23,79 +21,13 @@ import numpy as np
 from sentence_transformers import SentenceTransformer
 
 from trainer.errors import UserError
+from trainer.train.recipe import DistillConfig
 
 logger = logging.getLogger(__name__)
 
-SELF_TEACHER = "self"
 DATA_FILE = "embeddings.f16"
 PROGRESS_FILE = "progress.json"
 META_FILE = "meta.json"
-
-
-def default_cache_dir() -> str:
-    """``$XDG_CACHE_HOME/elastic-embeddings/teacher`` (``~/.cache`` when unset)."""
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "elastic-embeddings", "teacher")
-
-
-def _positive_int(key: str, value: object, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        allowed = "a positive integer" + (" or null" if optional else "")
-        raise UserError(f"distill.{key}: {value!r} is not valid; give {allowed}")
-
-
-@dataclass
-class DistillConfig:
-    """The recipe's ``distill:`` section (loss weights and margin: Zhang et al. 2024, Jasper and Stella).
-
-    ``teacher`` is a sentence-transformers hub id, a local path, or ``"self"`` (a frozen copy of the
-    student's starting weights). ``max_seq_length`` None keeps the teacher's own; ``prompt`` None uses the
-    teacher's default prompt, if its config names one. ``relative_max_pairs`` bounds the relative loss's
-    pair list (see ``relative_similarity_loss``). ``projection_lr`` is the learning rate of the randomly
-    initialised projection to the teacher's width (when widths differ): it must fit the student quickly,
-    not the student fit a random projection.
-    """
-
-    teacher: str
-    cosine_weight: float = 10.0
-    similarity_weight: float = 200.0
-    relative_weight: float = 20.0
-    margin: float = 0.015
-    max_seq_length: int | None = None
-    prompt: str | None = None
-    cache_dir: str = field(default_factory=default_cache_dir)
-    batch_size: int = 64
-    trust_remote_code: bool = False
-    relative_max_pairs: int | None = 2048
-    projection_lr: float = 1e-3
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.teacher, str) or not self.teacher.strip():
-            raise UserError(
-                f"distill.teacher: {self.teacher!r} is not valid; give a sentence-transformers hub id, a path or 'self'"
-            )
-        weights = ("cosine_weight", "similarity_weight", "relative_weight", "margin", "projection_lr")
-        for key in weights:
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise UserError(f"distill.{key}: {value!r} is not valid; give a number >= 0")
-        if not (self.cosine_weight or self.similarity_weight or self.relative_weight):
-            raise UserError("distill: cosine_weight, similarity_weight and relative_weight are all 0; set one > 0")
-        _positive_int("max_seq_length", self.max_seq_length, optional=True)
-        _positive_int("batch_size", self.batch_size)
-        _positive_int("relative_max_pairs", self.relative_max_pairs, optional=True)
-        if self.prompt is not None and not isinstance(self.prompt, str):
-            raise UserError(f"distill.prompt: {self.prompt!r} is not valid; give a string or null")
-        if not isinstance(self.cache_dir, (str, os.PathLike)) or not str(self.cache_dir):
-            raise UserError(f"distill.cache_dir: {self.cache_dir!r} is not valid; give a folder path")
-        if not isinstance(self.trust_remote_code, bool):
-            raise UserError(f"distill.trust_remote_code: {self.trust_remote_code!r} is not valid; give true or false")
-
-    def teacher_name(self, student_model_id: str) -> str:
-        """The model to load as teacher: ``student_model_id`` for ``"self"``, else ``teacher``."""
-        return student_model_id if self.teacher == SELF_TEACHER else self.teacher
 
 
 def load_teacher(name: str, max_seq_length: int | None = None, trust_remote_code: bool = False) -> SentenceTransformer:

@@ -3,6 +3,6 @@ hands every selected cell's embeddings to its terms (2D Matryoshka, binary codes
 
 from trainer.train.losses.elastic import CellBatch, ElasticLoss
 from trainer.train.losses.infonce import InfoNCELoss
-from trainer.train.losses.matryoshka2d import CellSelection, Matryoshka2dLoss
+from trainer.train.losses.matryoshka2d import Matryoshka2dLoss
 
-__all__ = ["CellBatch", "CellSelection", "ElasticLoss", "InfoNCELoss", "Matryoshka2dLoss"]
+__all__ = ["CellBatch", "ElasticLoss", "InfoNCELoss", "Matryoshka2dLoss"]

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainer.binary.heads import BinaryHeads, check_bits
+from trainer.binary.heads import HEADS_FOLDER, BinaryHeads, check_bits
+from trainer.errors import UserError
 from trainer.grid import Cell
+from trainer.train.losses.elastic import CellBatch, group_mean
 from trainer.train.losses.infonce import InfoNCELoss, score_kl
-
-if TYPE_CHECKING:
-    from trainer.train.losses.elastic import CellBatch
 
 
 def trained_depths(heads: BinaryHeads, bits: Sequence[int]) -> tuple[int, ...]:
@@ -26,23 +25,38 @@ def trained_depths(heads: BinaryHeads, bits: Sequence[int]) -> tuple[int, ...]:
     return depths
 
 
+BEBR_CITATION = """@inproceedings{gan2023bebr,
+  title     = {Binary Embedding-based Retrieval at Tencent},
+  author    = {Gan, Yukang and Ge, Yixiao and Zhou, Chang and Su, Shupeng and Xu, Zhouchuan and Xu, Xuyuan
+               and Hui, Quanchao and Chen, Xiang and Wang, Yexin and Shan, Ying},
+  booktitle = {Proceedings of the 29th ACM SIGKDD Conference on Knowledge Discovery and Data Mining},
+  year      = {2023}
+}"""
+
+
 class BinaryCodeLoss(nn.Module):
     """InfoNCE on the codes of every float cell at every depth, plus KL to the float cell's scores.
 
     For a cell c and a depth k, let ``q = normalize(e_k(anchor))`` and ``d = normalize(e_k(candidates))``
-    be the float forms of the codes (``trainer.binary.heads``; their cosine is what packed codes score), ``S_ck``
-    the InfoNCE scores of ``q`` against ``d`` (``trainer.train.losses.infonce``), ``S_c`` those of the float cell:
+    be the float forms of the codes (``trainer.binary.heads``; their dot product is the code score of
+    ``trainer.binary.codes.code_scores``), ``S_ck`` the InfoNCE scores of ``q`` against ``d``
+    (``trainer.train.losses.infonce``) and ``S_c`` those of the float cell; over the step's n (cell, depth)
+    pairs:
 
-        L = sum_c sum_k  weight * InfoNCE(S_ck) + kl_weight * KL(softmax(S_c / T) || softmax(S_ck / T))
+        L = weight * mean_{c,k} InfoNCE(S_ck) + kl_weight * mean_{c,k} KL(softmax(S_c / T) || softmax(S_ck / T))
 
-    with ``S_c`` detached. Gradients reach both the heads and the encoder. BEBR (Gan et al., KDD 2023)
-    trains only its deepest code; training every configured depth is this project's extension, so that
-    the shallow prefixes served at 1 or 2 bits are themselves optimised rather than by-products.
-    Components are logged as ``bin/L4-D128-B2`` and ``binkl/L4-D128-B2``.
+    with ``S_c`` detached. Each group is a mean, so the share of the codes in the objective does not grow with
+    the number of cells or depths. Gradients reach the heads and (scaled by ``binary.encoder_grad``, see
+    ``ElasticLoss``) the encoder. BEBR (Gan et al., KDD 2023) trains only its deepest code; training every
+    configured depth is this project's extension, so that the shallow prefixes served at 1 or 2 bits are
+    themselves optimised rather than by-products. Components are logged as ``bin/L4-D128-B2`` and
+    ``binkl/L4-D128-B2``, already scaled by their group's ``weight / n``.
 
     Distributed training: the heads are parameters of this loss, not of the DDP-wrapped model, so the
     caller all-reduces their gradients; BatchNorm running statistics stay per rank.
     """
+
+    citation = BEBR_CITATION
 
     def __init__(
         self,
@@ -62,27 +76,41 @@ class BinaryCodeLoss(nn.Module):
         self.kl_temperature = kl_temperature
 
     def forward(self, batch: CellBatch) -> dict[str, Tensor]:
-        losses: dict[str, Tensor] = {}
         if len(batch.layer_embeddings) < 2:  # a label-free batch of one text column: nothing to contrast
-            return losses
+            return {}
+        contrastive, kl = {}, {}
         for cell, columns in batch.embeddings.items():
             float_scores = self.contrastive.scores(columns[0], columns[1:])[0] if self.kl_weight else None
             for depth in self.bits:
                 codes = batch.codes[cell.with_bits(depth)]
                 loss, scores = self.contrastive(codes[0], codes[1:])
                 name = str(cell.with_bits(depth))
-                losses[f"bin/{name}"] = self.weight * loss
+                contrastive[f"bin/{name}"] = loss
                 if float_scores is not None:
-                    losses[f"binkl/{name}"] = self.kl_weight * score_kl(float_scores, scores, self.kl_temperature)
-        return losses
+                    kl[f"binkl/{name}"] = score_kl(float_scores, scores, self.kl_temperature)
+        return {**group_mean(contrastive, self.weight), **group_mean(kl, self.kl_weight)}
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Save the heads to ``<directory>/binary_heads`` (see ``BinaryHeads.save_pretrained``)."""
-        return self.heads.save_pretrained(directory)
+    def get_config_dict(self) -> dict[str, Any]:
+        return {
+            "bits": list(self.bits),
+            "hidden": self.heads.hidden,
+            "sharing": self.heads.sharing,
+            "scale": self.contrastive.scale,
+            "weight": self.weight,
+            "kl_weight": self.kl_weight,
+            "kl_temperature": self.kl_temperature,
+        }
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Save the heads to ``<directory>/binary_heads`` (``BinaryHeads.save_pretrained``)."""
+        self.heads.save(directory)
 
     def load_state(self, directory: str | Path) -> None:
         """Restore the heads from a checkpoint written by ``save_pretrained``."""
-        self.heads.load_state(directory)
+        saved = BinaryHeads.load(directory)
+        if saved is None:
+            raise UserError(f"{directory}: no {HEADS_FOLDER}/ to resume the binarization heads from")
+        self.heads.load_state_dict(saved.state_dict())
 
 
 class EmbeddingToEmbeddingLoss(nn.Module):

@@ -3,10 +3,14 @@
 Zhang et al. 2024, "Jasper and Stella: distillation of SOTA embedding models" (arXiv:2412.19048), with s the
 unit student vectors and t the unit teacher vectors of the N texts of a batch:
 
-    cosine      L_cos = sum_i (1 - s_i . t_i)                       (the full cell, through a projection)
-    similarity  L_sim = MSE(S S^T, T T^T)                            (every cell)
+    cosine      L_cos = mean_i (1 - s_i . t_i)                      (the full cell, through a projection)
+    similarity  L_sim = MSE(S S^T, T T^T)                            (every cell and code: their mean)
     relative    L_rel = mean over pairs of pairs (i,j), (m,n) with t_i.t_j > t_m.t_n of
-                        max(0, s_m.s_n - s_i.s_j + margin)           (every cell)
+                        max(0, s_m.s_n - s_i.s_j + margin)           (every cell and code: their mean)
+
+The paper sums the cosine term over the batch and trains one model; here it is a mean over the batch and the
+similarity and relative terms are means over the step's cells and codes, so each term's share of the
+objective depends on its weight only, not on the batch size or the size of the grid.
 
 The similarity and relative losses compare in-batch similarities, so any cell (any dim) can be compared with
 the teacher's full-size similarities and only the cosine loss needs a projection when the widths differ.
@@ -14,23 +18,36 @@ the teacher's full-size similarities and only the cosine loss needs a projection
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from trainer.train.losses.elastic import CellBatch
+from trainer.errors import UserError
+from trainer.train.losses.elastic import CellBatch, group_mean
 
-PROJECTION_FILE = "distill_projection.safetensors"
+PROJECTION_FOLDER = "distill_projection"
+
+
+class TeacherProjection(nn.Module, PyTorchModelHubMixin, library_name="elastic-embeddings"):
+    """``Linear(student_dim, teacher_dim)``: maps the student's full cell to the teacher's width for L_cos."""
+
+    def __init__(self, student_dim: int, teacher_dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(student_dim, teacher_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x)
 
 
 def cosine_loss(student: Tensor, teacher: Tensor) -> Tensor:
-    """``sum_i (1 - s_i . t_i)`` over the rows of two (N, d) tensors, each row normalised to unit length here."""
-    return (1 - (F.normalize(student, dim=-1) * F.normalize(teacher, dim=-1)).sum(dim=-1)).sum()
+    """``mean_i (1 - s_i . t_i)`` over the rows of two (N, d) tensors, each row normalised to unit length here."""
+    return (1 - (F.normalize(student, dim=-1) * F.normalize(teacher, dim=-1)).sum(dim=-1)).mean()
 
 
 def similarity_loss(student: Tensor, teacher: Tensor) -> Tensor:
@@ -68,9 +85,16 @@ class DistillationLoss(nn.Module):
     cosine loss when the widths differ (identity otherwise); save it with ``save_pretrained`` on every
     checkpoint and restore it with ``load_state``. With binarization heads the similarity and relative
     losses also apply to every code in ``batch.codes`` (``sim/L4-D128-B1``), against the same full-size
-    teacher similarities. Components are weighted and named ``cos/<cell>``, ``sim/<cell>`` and
-    ``rel/<cell>``. Defaults are the paper's 10 / 200 / 20 and margin 0.015.
+    teacher similarities. Components are named ``cos/<cell>``, ``sim/<cell>`` and ``rel/<cell>``, each scaled
+    by its group's ``weight / n``. Defaults are the paper's 10 / 200 / 20 and margin 0.015.
     """
+
+    citation = """@article{zhang2024jasper,
+  title   = {Jasper and Stella: distillation of SOTA embedding models},
+  author  = {Zhang, Dun and Li, Jiacheng and Zeng, Ziyang and Wang, Fulong},
+  journal = {arXiv preprint arXiv:2412.19048},
+  year    = {2024}
+}"""
 
     def __init__(
         self,
@@ -90,7 +114,7 @@ class DistillationLoss(nn.Module):
             relative_weight,
         )
         self.margin, self.relative_max_pairs = margin, relative_max_pairs
-        self.projection = nn.Linear(student_dim, teacher_dim) if student_dim != teacher_dim else None
+        self.projection = TeacherProjection(student_dim, teacher_dim) if student_dim != teacher_dim else None
 
     def teacher_vectors(self, labels: Tensor | None, n_columns: int) -> Tensor:
         """Unit teacher vectors of all texts, columns concatenated like the student's: (N * n_columns, teacher_dim)."""
@@ -117,27 +141,43 @@ class DistillationLoss(nn.Module):
             losses[f"cos/{batch.full.name2d}"] = self.cosine_weight * cosine_loss(projected, teacher)
         cells = [(cell.name2d, columns) for cell, columns in batch.embeddings.items()]
         cells += [(str(cell), columns) for cell, columns in batch.codes.items()]
+        similarity, relative = {}, {}
         for name, columns in cells:
             student = torch.cat(columns)
             if self.similarity_weight:
-                losses[f"sim/{name}"] = self.similarity_weight * similarity_loss(student, teacher)
+                similarity[f"sim/{name}"] = similarity_loss(student, teacher)
             if self.relative_weight:
-                relative = relative_similarity_loss(student, teacher, self.margin, self.relative_max_pairs)
-                losses[f"rel/{name}"] = self.relative_weight * relative
-        return losses
+                relative[f"rel/{name}"] = relative_similarity_loss(
+                    student, teacher, self.margin, self.relative_max_pairs
+                )
+        return {
+            **losses,
+            **group_mean(similarity, self.similarity_weight),
+            **group_mean(relative, self.relative_weight),
+        }
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {
+            "teacher_dim": self.teacher_dim,
+            "cosine_weight": self.cosine_weight,
+            "similarity_weight": self.similarity_weight,
+            "relative_weight": self.relative_weight,
+            "margin": self.margin,
+            "relative_max_pairs": self.relative_max_pairs,
+        }
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write the projection (if any) to ``directory/distill_projection.safetensors``."""
+        """Write the projection (if any) to ``<directory>/distill_projection/`` (config.json + safetensors)."""
         if self.projection is not None:
-            Path(directory).mkdir(parents=True, exist_ok=True)
-            state = {k: v.detach().contiguous().cpu() for k, v in self.projection.state_dict().items()}
-            save_file(state, str(Path(directory) / PROJECTION_FILE))
+            self.projection.save_pretrained(Path(directory) / PROJECTION_FOLDER)
 
     def load_state(self, directory: str | Path) -> None:
-        """Restore the projection saved by ``save_pretrained``; a missing file is an error when one is needed."""
+        """Restore the projection saved by ``save_pretrained``; a missing one is an error when one is needed."""
         if self.projection is None:
             return
-        path = Path(directory) / PROJECTION_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no saved distillation projection to resume from")
-        self.projection.load_state_dict(load_file(str(path)))
+        folder = Path(directory) / PROJECTION_FOLDER
+        if not (folder / "config.json").is_file():
+            raise UserError(f"{folder}: no saved distillation projection to resume from")
+        with contextlib.redirect_stdout(io.StringIO()):  # huggingface_hub prints where it loads from
+            saved = TeacherProjection.from_pretrained(str(folder), strict=True)
+        self.projection.load_state_dict(saved.state_dict())

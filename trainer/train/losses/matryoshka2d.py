@@ -1,92 +1,97 @@
-"""2D Matryoshka losses over (layer, dim) cells: Starbucks (fixed cells) and 2DMSE (sampled cells)."""
+"""2D Matryoshka contrastive loss over the (layer, dim) cells of a step, with KL alignment to the full cell."""
 
 from __future__ import annotations
 
-import random
-from typing import TYPE_CHECKING, Literal
+from typing import Any
 
 from torch import Tensor, nn
 
-from trainer.grid import Cell, Grid
+from trainer.train.losses.elastic import CellBatch, group_mean
 from trainer.train.losses.infonce import InfoNCELoss, score_kl
-
-if TYPE_CHECKING:
-    from trainer.train.losses.elastic import CellBatch
-
-Mode = Literal["starbucks", "2dmse", "grid"]
-
-
-class CellSelection:
-    """Which float cells one training step uses; the full cell (every layer, every dim) is always in.
-
-    - ``starbucks`` and ``grid``: every cell of the grid, every step (Zhuang et al. 2024, "Starbucks:
-      Improved Training for 2D Matryoshka Embeddings"; ``grid`` is simply every layer x every dim).
-    - ``2dmse``: the last layer plus ``n_layers_per_step`` sampled earlier layers, crossed with the full
-      dim plus ``n_dims_per_step`` sampled dims (Li et al. 2024, "2D Matryoshka Sentence Embeddings").
-      The generator is seeded identically on every process, so all ranks train the same cells.
-    """
-
-    def __init__(
-        self,
-        grid: Grid,
-        full: Cell,
-        mode: Mode = "starbucks",
-        n_layers_per_step: int = 1,
-        n_dims_per_step: int = 1,
-        seed: int = 42,
-    ) -> None:
-        self.grid, self.full, self.mode = grid, full, mode
-        self.n_layers_per_step, self.n_dims_per_step = n_layers_per_step, n_dims_per_step
-        self._random = random.Random(seed)
-
-    def cells_for_step(self) -> list[Cell]:
-        if self.mode != "2dmse":
-            return sorted(set(self.grid.cells) | {self.full})
-        prior_layers = [layer for layer in self.grid.layers if layer < self.full.layers]
-        smaller_dims = [dim for dim in self.grid.dims if dim < self.full.dim]
-        layers = [self.full.layers] + self._random.sample(prior_layers, min(self.n_layers_per_step, len(prior_layers)))
-        dims = [self.full.dim] + self._random.sample(smaller_dims, min(self.n_dims_per_step, len(smaller_dims)))
-        return sorted(Cell(layer, dim) for layer in layers for dim in dims)
 
 
 class Matryoshka2dLoss(nn.Module):
-    """Contrastive loss at every cell of the step plus KL alignment of each cell to the full model.
+    """InfoNCE at every cell of the step plus KL alignment of each cell to the full cell, in weighted groups.
 
-    For each cell c with scaled scores ``S_c`` (anchors x candidates, see ``InfoNCELoss``):
+    For each cell c with scaled scores ``S_c`` (anchors x candidates, see ``InfoNCELoss``) the objective is
 
-        L = weight * sum_c w_c * InfoNCE(S_c) + kl_weight * sum_{c != full} KL(P_full || P_c)
-        P_c = softmax(S_c / T) row-wise,   P_full = softmax(S_full / T) with S_full detached
+        L = w_full   * InfoNCE(S_full)
+          + w_dims   * mean_{d < D} InfoNCE(S_{L,d})           (every smaller dim of the last layer: Matryoshka)
+          + w_layers * mean_{l < L} InfoNCE(S_{l,d})           (the earlier-layer cells of the step)
+          + w_kl     * mean_{c != full} KL(P_full || P_c),     P_c = softmax(S_c / T), S_full detached
 
-    over the same candidates (Zhuang et al. 2024, Starbucks; Li et al. 2024, 2DMSE, which aligns the
-    sampled layer to the last one the same way). ``w_c`` is ``weights.get(c, 1.0)``. A batch with a
-    single text column (label-free data) has no candidates and gets no term from this loss.
+    (Kusupati et al. 2022, Matryoshka Representation Learning; Zhuang et al. 2024, Starbucks, whose KL aligns
+    each cell to the full model; Li et al. 2024, 2DMSE). Each group is a *mean*, so adding a cell or a dim to
+    the grid never re-weights the other groups: the shares of the objective are the four weights. A batch
+    with a single text column (label-free data) has no candidates and gets no term from this loss.
+    Components are logged as ``loss/L4-D128`` and ``kl/L4-D128``, each already scaled by its group's
+    ``weight / size``, so the logged components sum to the objective.
     """
+
+    citation = """@article{zhuang2024starbucks,
+  title   = {Starbucks: Improved Training for 2D Matryoshka Embeddings},
+  author  = {Zhuang, Shengyao and Wang, Shuai and Koopman, Bevan and Zuccon, Guido},
+  journal = {arXiv preprint arXiv:2410.13230},
+  year    = {2024}
+}
+@article{li2024twodmse,
+  title   = {2D Matryoshka Sentence Embeddings},
+  author  = {Li, Xianming and Li, Zongxi and Li, Jing and Xie, Haoran and Li, Qing},
+  journal = {arXiv preprint arXiv:2402.14776},
+  year    = {2024}
+}
+@inproceedings{kusupati2022mrl,
+  title     = {Matryoshka Representation Learning},
+  author    = {Kusupati, Aditya and Bhatt, Gantavya and Rege, Aniket and Wallingford, Matthew and Sinha, Aditya
+               and Ramanujan, Vivek and Howard-Snyder, William and Chen, Kaifeng and Kakade, Sham and Jain, Prateek
+               and Farhadi, Ali},
+  booktitle = {Advances in Neural Information Processing Systems},
+  year      = {2022}
+}"""
 
     def __init__(
         self,
         contrastive: InfoNCELoss,
-        weights: dict[Cell, float] | None = None,
+        full_weight: float = 1.0,
+        dims_weight: float = 1.0,
+        layers_weight: float = 1.0,
         kl_weight: float = 1.0,
         kl_temperature: float = 1.0,
-        weight: float = 1.0,
     ) -> None:
         super().__init__()
         self.contrastive = contrastive
-        self.weight = weight
-        self.weights = weights or {}
-        self.kl_weight = kl_weight
-        self.kl_temperature = kl_temperature
+        self.full_weight, self.dims_weight, self.layers_weight = full_weight, dims_weight, layers_weight
+        self.kl_weight, self.kl_temperature = kl_weight, kl_temperature
 
     def forward(self, batch: CellBatch) -> dict[str, Tensor]:
-        losses, scores = {}, {}
         if len(batch.layer_embeddings) < 2:  # a label-free batch of one text column: nothing to contrast
-            return losses
+            return {}
+        full, losses, scores = batch.full, {}, {}
         for cell, columns in batch.embeddings.items():
-            loss, scores[cell] = self.contrastive(columns[0], columns[1:])
-            losses[f"loss/{cell.name2d}"] = self.weight * self.weights.get(cell, 1.0) * loss
+            losses[cell], scores[cell] = self.contrastive(columns[0], columns[1:])
+        dims = {f"loss/{c.name2d}": v for c, v in losses.items() if c.layers == full.layers and c != full}
+        layers = {f"loss/{c.name2d}": v for c, v in losses.items() if c.layers < full.layers}
+        components = {
+            **group_mean({f"loss/{full.name2d}": losses[full]}, self.full_weight),
+            **group_mean(dims, self.dims_weight),
+            **group_mean(layers, self.layers_weight),
+        }
         if self.kl_weight:
-            for cell in batch.embeddings:
-                if cell != batch.full:
-                    kl = score_kl(scores[batch.full], scores[cell], self.kl_temperature)
-                    losses[f"kl/{cell.name2d}"] = self.kl_weight * kl
-        return losses
+            kl = {
+                f"kl/{cell.name2d}": score_kl(scores[full], scores[cell], self.kl_temperature)
+                for cell in batch.embeddings
+                if cell != full
+            }
+            components.update(group_mean(kl, self.kl_weight))
+        return components
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {
+            "scale": self.contrastive.scale,
+            "symmetric": self.contrastive.symmetric,
+            "full_weight": self.full_weight,
+            "dims_weight": self.dims_weight,
+            "layers_weight": self.layers_weight,
+            "kl_weight": self.kl_weight,
+            "kl_temperature": self.kl_temperature,
+        }

@@ -1,0 +1,70 @@
+"""One check that a model folder can be loaded, shared by evaluation, export, serving and publishing.
+
+It runs before any weights load, so a missing path, a folder that is not a sentence-transformers model or a
+truncated ``model.safetensors`` is one clear line instead of a traceback from deep inside a library.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from safetensors import safe_open
+
+from trainer.errors import UserError
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def check_model_folder(folder: str | Path, key: str = "model") -> Path:
+    """``folder`` when it holds a loadable sentence-transformers model: a config and readable weights."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise UserError(f"{key}: {str(folder)!r} does not exist; give a checkpoint folder or a hub id")
+    if not folder.is_dir():
+        raise UserError(f"{key}: {str(folder)!r} is a file, not a model folder")
+    if not (folder / "config.json").is_file() and not (folder / "modules.json").is_file():
+        raise UserError(f"{key}: {folder} has no config.json or modules.json; it is not a sentence-transformers model")
+    weights = folder / "model.safetensors"
+    if weights.is_file():
+        try:
+            with safe_open(str(weights), "pt") as handle:
+                names = list(handle.keys())
+                if names:
+                    handle.get_slice(names[-1])
+        except Exception as error:  # safetensors raises several types for truncated or foreign files
+            raise UserError(f"{key}: {weights} is not a readable safetensors file ({error})") from None
+        if weights.stat().st_size < _declared_size(weights):
+            raise UserError(
+                f"{key}: {weights} is truncated ({weights.stat().st_size} bytes); re-save or re-download it"
+            )
+    elif (folder / "config.json").is_file() and not any((folder / name).is_file() for name in WEIGHT_FILES):
+        raise UserError(f"{key}: {folder} has no model weights ({' or '.join(WEIGHT_FILES)})")
+    return folder
+
+
+def _declared_size(weights: Path) -> int:
+    """Header length plus the end of the last tensor's data: the size a complete safetensors file has."""
+    with weights.open("rb") as handle:
+        (header_size,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(header_size))
+    ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+    return 8 + header_size + max(ends, default=0)
+
+
+def resolve_model(name: str, key: str = "model", revision: str | None = None) -> Path:
+    """A local model folder, checked; or the snapshot folder of a hub id (downloaded unless offline)."""
+    local = Path(name)
+    if local.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return check_model_folder(local.expanduser(), key)
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot = snapshot_download(name, revision=revision)
+    except (OSError, ValueError) as error:  # not cached offline, no such repo, invalid id, network
+        raise UserError(
+            f"{key}: cannot find {name!r} as a folder or a hub model ({type(error).__name__}); offline, run "
+            "`make models` or give a checkpoint folder"
+        ) from None
+    return check_model_folder(snapshot, key)
