@@ -18,6 +18,12 @@ def _parser() -> argparse.ArgumentParser:
     grid.add_argument("--layers", nargs="+", type=int, help="layer counts (with --dims); default: all")
     grid.add_argument("--dims", nargs="+", type=int, help="dims kept (with --layers); default: 32, 64, ..., D")
     grid.add_argument("--bits", nargs="+", type=int, help="bit depths, 32 = float; default: 32 1")
+    grid.add_argument(
+        "--codes",
+        choices=["trained", "sign"],
+        help="binary cells from the checkpoint's trained heads (default) or from the parameter-free residual sign "
+        "quantiser (sign bits at 1 bit), the baseline learned codes are compared with",
+    )
     grid.add_argument("--rescore", type=int, help="binary cells: re-rank their top 100*M by the float query (0: off)")
     grid.add_argument("--output", help="results folder; default results/<model-slug>")
     grid.add_argument("--batch-size", dest="batch_size", type=int, help="encoding batch size (default 64)")

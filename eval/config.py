@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from eval.runner import GridRequest
+from eval.runner import CODE_SOURCES, GridRequest
 from trainer.errors import UserError
 from trainer.grid import FLOAT_BITS, Grid
 
@@ -24,6 +24,7 @@ KEYS = (
     "dims",
     "bits",
     "rescore",
+    "codes",
     "output",
     "batch_size",
     "overwrite",
@@ -64,6 +65,13 @@ def model_slug(model: str) -> str:
     return path.resolve().name if path.is_dir() else model.replace("/", "__")
 
 
+def _codes(value: Any) -> str:
+    value = value or "trained"
+    if value not in CODE_SOURCES:
+        raise UserError(f"codes: {value!r} is not valid; use one of {list(CODE_SOURCES)}")
+    return value
+
+
 def build_request(settings: dict[str, Any], num_layers: int, embedding_dim: int) -> GridRequest:
     """The request of merged settings; ``num_layers`` / ``embedding_dim`` fill the default grid."""
     for key in ("model", "tasks"):
@@ -86,6 +94,7 @@ def build_request(settings: dict[str, Any], num_layers: int, embedding_dim: int)
         grid=grid,
         output=output,
         rescore=rescore,
+        codes=_codes(settings.get("codes")),
         batch_size=int(settings.get("batch_size") or 64),
         overwrite=bool(settings.get("overwrite")),
         max_seq_length=int(settings["max_seq_length"]) if settings.get("max_seq_length") else None,

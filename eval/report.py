@@ -37,6 +37,7 @@ def grid_dict(results: GridResults) -> dict[str, Any]:
         "num_layers": results.num_layers,
         "embedding_dim": results.embedding_dim,
         "rescore": results.rescore,
+        "codes": results.codes,
         "main_metric": MAIN_METRIC,
         "tasks": [{"name": name, "split": split} for name, split in results.tasks.items()],
         "cells": cells,

@@ -4,6 +4,7 @@ Result files follow mteb's cache layout under ``<output>/results``, one mteb *ex
 
     <output>/results/<model>/<revision>/experiments/cell_L4-D128-B1/<Task>.json
     <output>/results/<model>/<revision>/experiments/cell_L4-D128-B1__rescore_4/<Task>.json  (--rescore 4)
+    <output>/results/<model>/<revision>/experiments/cell_L4-D128-B1__codes_sign/<Task>.json   (--codes sign)
 
 so ``mteb.ResultCache(<output>)`` loads them and a rerun skips every cell whose split is already scored.
 Embeddings of all needed layers are cached in ``<output>/embeddings/<Task>-<split>.safetensors``.
@@ -35,6 +36,7 @@ from trainer.grid import Cell, Grid
 from trainer.serve.checkpoint import resolve_model
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+CODE_SOURCES = ("trained", "sign")
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class GridRequest:
     grid: Grid
     output: Path
     rescore: int = 0
+    codes: str = "trained"  # "sign": the parameter-free residual sign quantiser even when the model has heads
     batch_size: int = 64
     overwrite: bool = False
     max_seq_length: int | None = None  # tokens per text; part of the result identity when set
@@ -62,6 +65,7 @@ class GridResults:
     cells: list[Cell]
     tasks: dict[str, str]  # task name -> split
     rescore: int
+    codes: str = "trained"
     scores: dict[str, dict[Cell, dict[str, Any]]] = field(default_factory=dict)
     scored_cells: int = 0
 
@@ -95,11 +99,13 @@ def model_identity(model: str) -> tuple[str, str]:
     return name, "no_revision_available"
 
 
-def cell_meta(name: str, revision: str, cell: Cell, rescore: int) -> ModelMeta:
+def cell_meta(name: str, revision: str, cell: Cell, rescore: int, codes: str = "trained") -> ModelMeta:
     """The mteb model metadata of one cell; ``experiment_kwargs`` names the experiment folder."""
     kwargs: dict[str, Any] = {"cell": str(cell)}
     if rescore and not cell.is_float:
         kwargs["rescore"] = rescore
+    if codes != "trained" and not cell.is_float:
+        kwargs["codes"] = codes
     return ModelMeta.create_empty(
         overwrites=dict(
             name=name,
@@ -137,7 +143,8 @@ def run_grid(request: GridRequest, model: SentenceTransformer | None = None) -> 
     model = model if model is not None else load_model(request.model)
     depth, width = num_layers(model), embedding_dim(model)
     request.grid.check_fits(depth, width)
-    heads = BinaryHeads.load(request.model) if Path(request.model).is_dir() else None
+    trained = request.codes == "trained" and Path(request.model).is_dir()
+    heads = BinaryHeads.load(request.model) if trained else None
     cells = request.grid.all_cells()
     for cell in cells:
         if not cell.is_float:
@@ -153,10 +160,11 @@ def run_grid(request: GridRequest, model: SentenceTransformer | None = None) -> 
         model.max_seq_length = request.max_seq_length
         revision = f"{revision}-len{request.max_seq_length}"
     cache = ResultCache(request.output)
-    results = GridResults(name, revision, depth, width, cells, {t.metadata.name: s for t, s in tasks}, request.rescore)
+    splits = {t.metadata.name: s for t, s in tasks}
+    results = GridResults(name, revision, depth, width, cells, splits, request.rescore, request.codes)
     for task, split in tasks:
         task_name = task.metadata.name
-        metas = {cell: cell_meta(name, revision, cell, request.rescore) for cell in cells}
+        metas = {cell: cell_meta(name, revision, cell, request.rescore, request.codes) for cell in cells}
         missing = [c for c in cells if request.overwrite or not _is_scored(cache, metas[c], task, split)]
         if missing:
             embeddings = load_or_encode(

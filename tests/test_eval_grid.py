@@ -261,6 +261,14 @@ def test_trained_heads_serve_multi_bit_cells_and_refuse_untrained_ones(tiny, tmp
     results = run_grid(GridRequest(str(with_heads), [f"{beir}:test"], grid, tmp_path / "out"))
     assert Cell(3, 32, 2).bytes_per_vector == 8
     assert all(0 <= results.scores["beir"][c]["ndcg_at_10"] <= 1 for c in grid.all_cells())
+    sign = run_grid(GridRequest(str(with_heads), [f"{beir}:test"], grid, tmp_path / "out", codes="sign"))
+    plain = run_grid(GridRequest(str(checkpoint), [f"{beir}:test"], grid, tmp_path / "plain"))
+    metrics = ("ndcg_at_10", "mrr_at_10", "recall_at_100")
+
+    def ranked(results):
+        return {cell: [scores[m] for m in metrics] for cell, scores in results.scores["beir"].items()}
+
+    assert ranked(sign) == ranked(plain)  # --codes sign ignores the trained heads
     for cells, bits, message in ((["L1-D8"], [1], "no binary head"), (["L1-D16"], [4], "serve depths")):
         request = GridRequest(str(with_heads), [f"{beir}:test"], Grid.from_spec(cells=cells, bits=bits), tmp_path / "o")
         with pytest.raises(UserError, match=message):
