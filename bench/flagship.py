@@ -1,36 +1,88 @@
-"""The flagship experiment: untrained all-MiniLM-L6-v2, the teacher all-mpnet-base-v2, our recipe
-(configs/flagship.yaml: grid cells + 1/2/4-bit heads + distillation) and sentence-transformers'
-Matryoshka2dLoss with the same data, steps and batch, each evaluated at every layer x dim x bit depth
-on the test splits of cranfield, cisi and npl.
+"""The flagship experiment: our recipe against sentence-transformers' Matryoshka2dLoss, with seeds and an ablation.
 
-    python bench/flagship.py                 # about 40 minutes on 2 CPU cores
-    python bench/flagship.py --smoke         # checks the wiring on a tiny budget
+Student sentence-transformers/all-MiniLM-L6-v2. Every model is evaluated at every cell of layers 1..6 x dims
+32..384 at float, 1, 2 and 4 bits on the test splits of cranfield, cisi and npl (texts cut at 128 tokens);
+a model's binary cells are also scored with the parameter-free residual sign quantiser (``--codes sign``: sign
+bits at 1 bit), the baseline learned codes must beat.
 
-Stages already done (their output exists) are skipped, so an interrupted run resumes.
-Writes runs/flagship/ and bench/results/flagship.{json,md}.
+Runs (each seed trains anew; the ST baseline gets exactly the same pairs, steps, batch and learning rate):
+- ``ours``: configs/flagship.yaml, the published recipe;
+- the ablation rows (``--ablation``), cumulative: the Starbucks-style contrastive term alone, + KL, + binary
+  (joint), + distillation from all-mpnet-base-v2, + label-free corpus texts (``ABLATION`` below);
+- ``st``: bench/st_baseline.py (Matryoshka2dLoss around MultipleNegativesRankingLoss);
+- ``untrained``: the student as is.
+
+    python bench/flagship.py                       # ours + ST, 3 seeds
+    python bench/flagship.py --ablation            # also the five ablation rows, 3 seeds each
+    python bench/flagship.py --smoke               # a few steps, one task, two cells
+
+Finished runs and evaluations (their output exists) are skipped, so an interrupted experiment resumes.
+Writes runs/flagship/ and bench/results/flagship.{json,md}: mean +- std over seeds of the mean nDCG@10 over
+the three tasks, per cell, and the issue's done-when checks.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
-from statistics import mean
+from statistics import mean, stdev
+
+import yaml
 
 from bench.common import RESULTS, commit, machine
-from trainer.grid import Cell
 
 STUDENT = "sentence-transformers/all-MiniLM-L6-v2"
-TEACHER = "sentence-transformers/all-mpnet-base-v2"
+RECIPE = Path("configs/flagship.yaml")
 TASKS = [f"../shared/data/{name}:test" for name in ("cranfield", "cisi", "npl")]
 GRID = ["--layers", "1", "2", "3", "4", "5", "6", "--dims", "32", "64", "128", "256", "384"]
+BITS = ["32", "1", "2", "4"]
 EVAL_MAX_TOKENS = "128"
-# The teacher (12 layers, 768 dims) needs about 15 minutes for npl's 11,429 documents on 2 CPU cores, so it
-# is evaluated on cranfield and cisi only; retention is the mean over the tasks the teacher was scored on.
-TEACHER_TASKS = TASKS[:2]
+SEEDS = [42, 43, 44]
+
+# The components the ablation adds one at a time (on top of configs/flagship.yaml's model, data and training).
+DISTILL = {
+    "teacher": "sentence-transformers/all-mpnet-base-v2",
+    "max_seq_length": 128,
+    "relative_max_pairs": 512,
+}
+TEXTS = [
+    {"texts": f"../shared/data/{name}", "max_samples": 1000, "name": f"{name}-texts"}
+    for name in ("cranfield", "cisi", "npl")
+]
+
+
+ABLATION = {
+    "contrastive": "Starbucks-style contrastive term alone (every dim of the last layer + earlier cells)",
+    "+kl": "+ KL of every cell to the full cell",
+    "+binary": "+ 1/2/4-bit heads trained jointly",
+    "+distill": "+ distillation from all-mpnet-base-v2 (Jasper/Stella losses)",
+    "+texts": "+ label-free corpus texts (distillation only)",
+}
+
+
+def ablation_recipe(base: dict, row: str, distill: dict) -> dict:
+    """The cumulative ablation row ``row`` built from the published recipe ``base``: each row keeps the
+    components of the rows before it (``base``'s settings where it has them) and adds its own."""
+    recipe = copy.deepcopy(base)
+    step = list(ABLATION).index(row)
+    if step < 1:
+        recipe["loss"]["kl_weight"] = 0.0
+    if step < 2:
+        recipe.pop("binary", None)
+    else:
+        recipe.setdefault("binary", {"bits": [1, 2, 4]})
+    if step < 3:
+        recipe.pop("distill", None)
+    else:
+        recipe.setdefault("distill", distill)
+    pairs = [source for source in recipe["data"]["train"] if "texts" not in source]
+    recipe["data"]["train"] = pairs + (TEXTS if step >= 4 else [])
+    return recipe
 
 
 def run(command: list[str], log: Path) -> float:
@@ -41,61 +93,97 @@ def run(command: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
-def evaluate(model: str, out: Path, bits: list[str], log: Path, grid: list[str] = GRID, tasks=TASKS) -> dict:
-    if not (out / "grid.json").is_file():
+def evaluate(model: str, out: Path, log: Path, grid: list[str], tasks: list[str], codes: str) -> dict:
+    """Grid evaluation of ``model`` into ``out`` (cached embeddings shared by both code sources)."""
+    target = out / f"grid-{codes}.json"
+    if not target.is_file():
+        command = [sys.executable, "-m", "eval", "grid", "--model", model, "--tasks", *tasks, *grid, "--bits", *BITS]
+        command += ["--max-seq-length", EVAL_MAX_TOKENS, "--output", str(out), "--codes", codes]
+        run(command, log)
+        (out / "grid.json").replace(target)
+    return json.loads(target.read_text())
+
+
+def scores(grid: dict) -> dict[str, float]:
+    """cell -> mean nDCG@10 over the tasks."""
+    return {e["cell"]: mean(s["ndcg_at_10"] for s in e["scores"].values()) for e in grid["cells"]}
+
+
+def train(name: str, recipe: dict, seed: int, runs: Path, log: Path, overrides: list[str]) -> Path:
+    folder = runs / name / f"seed{seed}"
+    if (folder / "model" / "modules.json").is_file():
+        return folder / "model"
+    folder.mkdir(parents=True, exist_ok=True)
+    recipe_file = folder / "recipe.yaml"
+    recipe = copy.deepcopy(recipe)
+    recipe["training"].update(output_dir=str(folder / "model"), seed=seed, save_strategy="no")
+    recipe_file.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    if name == "st":
+        run([sys.executable, "bench/st_baseline.py", str(recipe_file), str(folder / "model"), *overrides], log)
+    else:
         run(
-            [
-                sys.executable,
-                "-m",
-                "eval",
-                "grid",
-                "--model",
-                model,
-                "--tasks",
-                *tasks,
-                *grid,
-                "--bits",
-                *bits,
-                "--max-seq-length",
-                EVAL_MAX_TOKENS,
-                "--output",
-                str(out),
-            ],
+            [sys.executable, "-m", "trainer", "train", str(recipe_file), "--overwrite_output_dir", "true", *overrides],
             log,
         )
-    return json.loads((out / "grid.json").read_text())
+    return folder / "model"
 
 
-def scores(grid: dict) -> dict[str, dict[str, float]]:
-    """cell -> task -> nDCG@10."""
-    return {e["cell"]: {t: s["ndcg_at_10"] for t, s in e["scores"].items()} for e in grid["cells"]}
+def summarise(values: list[float]) -> str:
+    return f"{mean(values):.3f} ± {stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
-def tables(results: dict[str, dict], teacher_full: dict[str, float]) -> str:
-    """One table per bit depth: mean nDCG@10 over tasks per model, and our retention of the teacher."""
+def table(results: dict[str, list[dict[str, float]]], cells: list[str], title: str) -> str:
+    lines = [f"### {title}", "", "| model | " + " | ".join(cells) + " |", "|---|" + "---|" * len(cells)]
+    for name, per_seed in results.items():
+        row = [summarise([s[c] for s in per_seed]) if all(c in s for s in per_seed) else "-" for c in cells]
+        lines.append(f"| {name} | " + " | ".join(row) + " |")
+    return "\n".join(lines + [""])
+
+
+def checks(
+    ours: list[dict[str, float]], ours_sign: list[dict[str, float]], st: list[dict[str, float]], untrained: dict
+) -> list[str]:
+    """The issue's done-when criteria on means over seeds; one line each, with the cells that fail."""
+
+    def m(runs: list[dict[str, float]], cell: str) -> float:
+        return mean(r[cell] for r in runs)
+
+    floats = [c for c in ours[0] if c.endswith("-B32")]
     lines = []
-    cells = sorted({c for r in results.values() for c in r}, key=lambda c: Cell.parse(c))
-    for bits in sorted({int(c.split("-B")[1]) for c in cells}, reverse=True):
-        lines += [
-            f"### {'float32' if bits == 32 else f'{bits} bit(s) per dim'}",
-            "",
-            "| cell | " + " | ".join(results) + " | ours / teacher full |",
-            "|---|" + "---|" * (len(results) + 1),
-        ]
-        for cell in [c for c in cells if c.endswith(f"-B{bits}")]:
-            row = []
-            for model_scores in results.values():
-                row.append(f"{mean(model_scores[cell].values()):.3f}" if cell in model_scores else "-")
-            ours = results["ours"].get(cell)
-            retention = mean(ours[t] / teacher_full[t] for t in teacher_full) if ours else None
-            share = f"{retention:.0%}" if retention is not None else "-"
-            lines.append(f"| {cell} | " + " | ".join(row) + f" | {share} |")
-        lines.append("")
-    return "\n".join(lines)
+    below = [c for c in floats if m(ours, c) < m(st, c)]
+    lines.append(
+        f"float cells >= ST Matryoshka2dLoss: {len(floats) - len(below)}/{len(floats)}"
+        + (f" (below: {', '.join(below)})" if below else "")
+    )
+    full = "L6-D384-B32"
+    lines.append(
+        f"full cell {m(ours, full):.4f}: >= untrained {untrained[full]:.4f}: {m(ours, full) >= untrained[full]}; "
+        f"within 0.005 of ST {m(st, full):.4f} or above: {m(ours, full) >= m(st, full) - 0.005}"
+    )
+    for name, baseline in (("sign bits of our float cells", ours_sign), ("sign bits of ST's float cells", st)):
+        cells = [c.replace("-B32", "-B1") for c in floats]
+        below = [c for c in cells if m(ours, c) < m(baseline, c)]
+        lines.append(
+            f"learned B1 >= {name}: {len(cells) - len(below)}/{len(cells)}"
+            + (f" (below: {', '.join(below)})" if below else "")
+        )
+    for low, high in ((1, 2), (2, 4)):
+        cells = [c.replace("-B32", f"-B{high}") for c in floats]
+        below = [c for c in cells if m(ours, c) < m(ours, c.replace(f"-B{high}", f"-B{low}"))]
+        lines.append(
+            f"B{high} >= B{low}: {len(cells) - len(below)}/{len(cells)}"
+            + (f" (below: {', '.join(below)})" if below else "")
+        )
+    ratio = m(ours, "L6-D384-B2") / m(ours, full)
+    lines.append(f"L6-D384-B2 / L6-D384 float = {ratio:.3f} (>= 0.97: {ratio >= 0.97})")
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", nargs="+", type=int, default=SEEDS)
+    parser.add_argument("--ablation", action="store_true", help="also train and evaluate the five ablation rows")
+    parser.add_argument("--models", nargs="+", help="only these of: ours st " + " ".join(ABLATION))
     parser.add_argument("--smoke", action="store_true", help="a few steps, one task, two cells")
     parser.add_argument("--runs", default="runs/flagship")
     parser.add_argument("--name", default="flagship", help="result file name under bench/results/")
@@ -103,37 +191,57 @@ def main() -> None:
     runs = Path(args.runs + ("-smoke" if args.smoke else ""))
     runs.mkdir(parents=True, exist_ok=True)
     log = runs / "log.txt"
+    base = yaml.safe_load(RECIPE.read_text())
     overrides, tasks, grid = [], TASKS, GRID
     if args.smoke:
-        overrides = ["--max_steps", "2", "--per_device_train_batch_size", "8", "--distill.teacher", "self"]
+        overrides = ["--max_steps", "2", "--per_device_train_batch_size", "8"]
         tasks, grid = TASKS[:1], ["--cells", "L2-D64", "L6-D384"]
-    timings = {}
-    if not (runs / "ours" / "elastic_manifest.json").is_file():
-        timings["train ours"] = run(
-            [sys.executable, "-m", "trainer", "train", "configs/flagship.yaml", *overrides], log
+    distill = {**DISTILL, "teacher": "self"} if args.smoke else DISTILL
+    models = {"ours": base, "st": base}
+    if args.ablation or args.models:
+        models.update({row: ablation_recipe(base, row, distill) for row in ABLATION})
+    if args.models:
+        models = {name: recipe for name, recipe in models.items() if name in args.models}
+    timings, results, sign_results = {}, {}, {}
+    for name, recipe in models.items():
+        for seed in args.seeds:
+            start = time.perf_counter()
+            model = train(name, recipe, seed, runs, log, overrides)
+            timings[f"{name} seed {seed}"] = time.perf_counter() - start
+            out = model.parent / "eval"
+            results.setdefault(name, []).append(scores(evaluate(str(model), out, log, grid, tasks, "trained")))
+            if name != "st":
+                sign_results.setdefault(name, []).append(scores(evaluate(str(model), out, log, grid, tasks, "sign")))
+    untrained = scores(evaluate(STUDENT, runs / "untrained" / "eval", log, grid, tasks, "trained"))
+    cells = sorted(untrained, key=lambda c: (int(c.split("-B")[1]) != 32, int(c.split("-B")[1]), c))
+    headline = [
+        c
+        for c in (
+            "L6-D384-B32",
+            "L6-D128-B32",
+            "L6-D32-B32",
+            "L3-D128-B32",
+            "L1-D32-B32",
+            "L6-D384-B1",
+            "L6-D384-B2",
+            "L6-D384-B4",
         )
-    baseline = runs / "st-matryoshka2d"
-    if not (baseline / "modules.json").is_file():
-        command = [sys.executable, "bench/st_baseline.py", "configs/flagship.yaml", str(baseline), *overrides]
-        timings["train ST Matryoshka2dLoss"] = run(command, log)
-    results = {
-        "untrained": scores(evaluate(STUDENT, runs / "eval-untrained", ["32", "1"], log, grid, tasks)),
-        "ST Matryoshka2dLoss": scores(evaluate(str(baseline), runs / "eval-st", ["32", "1"], log, grid, tasks)),
-        "ours": scores(evaluate(str(runs / "ours"), runs / "eval-ours", ["32", "1", "2", "4"], log, grid, tasks)),
-    }
-    teacher_tasks = [t for t in tasks if t in TEACHER_TASKS]
-    teacher = scores(evaluate(TEACHER, runs / "eval-teacher", ["32", "1"], log, ["--cells", "L12-D768"], teacher_tasks))
-    teacher_full = teacher["L12-D768-B32"]
-    report = "\n".join(
-        [
-            f"Teacher {TEACHER} full cell nDCG@10: "
-            + ", ".join(f"{t} {v:.3f}" for t, v in teacher_full.items())
-            + f" (sign bits: {mean(teacher['L12-D768-B1'].values()):.3f} mean)",
-            "",
-            tables(results, teacher_full),
-        ]
-    )
-    print(report)
+        if c in untrained
+    ]
+    labels = {"st": "ST Matryoshka2dLoss", "ours": "ours (configs/flagship.yaml)"}
+    rows = {"untrained": [untrained]} | {labels.get(name, f"ablation {name}"): runs_ for name, runs_ in results.items()}
+    signs = {f"{labels.get(name, name)}, --codes sign": sign_results[name] for name in sign_results}
+    report = [
+        f"Seeds {args.seeds}; nDCG@10, mean over {', '.join(t.split('/')[-1] for t in tasks)}; mean ± std over seeds.",
+        "",
+        table(rows, headline, "Headline cells"),
+        table({**rows, **signs}, cells, "Every cell"),
+    ]
+    if "ours" in results and "st" in results:
+        report += ["### Done-when checks (means over seeds)", ""]
+        report += [f"- {line}" for line in checks(results["ours"], sign_results["ours"], results["st"], untrained)]
+    text = "\n".join(report)
+    print(text)
     RESULTS.mkdir(exist_ok=True)
     name = f"{args.name}-smoke" if args.smoke else args.name
     payload = {
@@ -141,12 +249,14 @@ def main() -> None:
         "machine": machine(),
         "commit": commit(),
         "date": time.strftime("%Y-%m-%d"),
+        "seeds": args.seeds,
         "timings_s": timings,
-        "teacher": teacher,
+        "untrained": untrained,
         "results": results,
+        "sign_codes": sign_results,
     }
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(report + "\n")
+    (RESULTS / f"{name}.md").write_text(text + "\n")
 
 
 if __name__ == "__main__":
