@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from trainer.errors import run_cli
 
@@ -47,6 +48,8 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("trainer").setLevel(logging.INFO)  # this project's progress lines and summaries
     parser = _parser()
     args, overrides = parser.parse_known_args(argv)
     if args.command != "train" and overrides:

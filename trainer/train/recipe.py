@@ -176,9 +176,10 @@ class BinaryConfig:
     over cells and depths), of the KL-to-the-float-cell group, the KL temperature, and the logit scale
     (1 / temperature) of the InfoNCE. ``encoder_grad``: how much of the codes' gradient reaches the encoder in
     joint training (0: the codes never move it, 1: fully). ``lr``: the heads' learning rate, in both modes
-    (not the encoder's fine-tuning rate). Head-only settings: ``steps``, ``batch_size``, ``weight_decay``,
-    ``max_texts`` (cap on the number of raw texts encoded, None = all), ``seed``, ``cache_dir`` (where float
-    embeddings are cached, None = ``<output_dir>/binary_heads_cache``).
+    (not the encoder's fine-tuning rate); in joint mode ``0`` keeps the heads at their start, the parameter-free
+    residual sign quantiser, so that only the encoder learns from the code terms. Head-only settings:
+    ``steps``, ``batch_size``, ``weight_decay``, ``max_texts`` (cap on the number of raw texts encoded, None =
+    all), ``seed``, ``cache_dir`` (where float embeddings are cached, None = ``<output_dir>/binary_heads_cache``).
     """
 
     bits: list[int] = field(default_factory=lambda: [1, 2, 4])
@@ -210,9 +211,12 @@ class BinaryConfig:
                 raise UserError(f"binary.{key}: {value!r} is not valid; use a positive integer")
         if self.batch_size < 2:
             raise UserError(f"binary.batch_size: {self.batch_size} is not valid; in-batch InfoNCE needs >= 2")
-        for key in ("scale", "kl_temperature", "lr"):
+        for key in ("scale", "kl_temperature"):
             if getattr(self, key) <= 0:
                 raise UserError(f"binary.{key}: {getattr(self, key)!r} is not valid; use a number > 0")
+        if self.lr < 0 or (self.lr == 0 and self.mode == "head-only"):
+            allowed = "> 0 in head-only mode" if self.mode == "head-only" else ">= 0 (0 keeps the heads fixed)"
+            raise UserError(f"binary.lr: {self.lr!r} is not valid; use a number {allowed}")
         if not 0 <= self.encoder_grad <= 1:
             raise UserError(f"binary.encoder_grad: {self.encoder_grad!r} is not valid; use a number in [0, 1]")
         for key in ("weight", "kl_weight", "weight_decay"):

@@ -25,6 +25,7 @@ from trainer.train.losses import ElasticLoss, InfoNCELoss, Matryoshka2dLoss
 from trainer.train.losses.binary import BinaryCodeLoss
 from trainer.train.losses.distill import DistillationLoss
 from trainer.train.recipe import Recipe, load_recipe
+from trainer.train.summary import log_summary, run_summary
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ def build_loss(recipe: Recipe, model: SentenceTransformer, grid: Grid, teacher_d
             sharing=binary.sharing,
             layers={*grid.layers, full.layers},
         )
+        heads.requires_grad_(binary.lr > 0)  # lr 0: the residual sign quantiser stays as it is
         code_contrastive = InfoNCELoss(binary.scale, config.symmetric, config.gather_across_devices)
         terms["binary"] = BinaryCodeLoss(
             heads, binary.bits, code_contrastive, binary.weight, binary.kl_weight, binary.kl_temperature
@@ -162,6 +164,8 @@ def train(recipe: Recipe) -> SentenceTransformerTrainer:
     if recipe.binary is not None and recipe.binary.mode == "head-only":
         return train_heads_from_recipe(recipe, model, grid, train_data)
     training = {k: v for k, v in recipe.training.items() if k not in ("overwrite_output_dir", "resume_from_checkpoint")}
+    if not torch.accelerator.is_available():  # pinned memory needs an accelerator; torch warns otherwise
+        training.setdefault("dataloader_pin_memory", False)
     args = SentenceTransformerTrainingArguments(**training)
     teacher_width = None
     if recipe.distill is not None:
@@ -171,6 +175,8 @@ def train(recipe: Recipe) -> SentenceTransformerTrainer:
         first = next(iter(train_data.values())) if isinstance(train_data, DatasetDict) else train_data
         teacher_width = len(first[0]["label"][0])
     loss = build_loss(recipe, model, grid, teacher_width)
+    if args.process_index == 0:
+        log_summary(run_summary(recipe, grid, loss, train_data, num_layers(model), embedding_dim(model)))
     args.learning_rate_mapping = {**loss_learning_rates(recipe, loss), **args.learning_rate_mapping}
     callback = LossStateCallback(loss)
     trainer = SentenceTransformerTrainer(
@@ -190,7 +196,7 @@ def loss_learning_rates(recipe: Recipe, loss: ElasticLoss) -> dict[str, float]:
     """Learning rates of the loss's own, randomly initialised parameters (parameter-name regex -> rate), so
     they are not trained at the encoder's fine-tuning rate; a recipe's learning_rate_mapping overrides them."""
     rates = {}
-    if loss.heads is not None:
+    if loss.heads is not None and recipe.binary.lr > 0:
         rates[r"(^|\.)heads\."] = recipe.binary.lr
     if "distill" in loss.terms and loss.terms["distill"].projection is not None:
         rates[r"\.projection\."] = recipe.distill.projection_lr
@@ -220,6 +226,7 @@ def train_heads_from_recipe(recipe: Recipe, model: SentenceTransformer, grid: Gr
         texts += [text for column in columns for text in dataset[column]]
         if columns[:2] == ["anchor", "positive"]:
             pairs += list(zip(dataset["anchor"], dataset["positive"], strict=True))
+    log_summary(run_summary(recipe, grid, None, data, num_layers(model), embedding_dim(model)))
     recipe.output_dir.mkdir(parents=True, exist_ok=True)
     model.save(str(recipe.output_dir))
     train_heads_only(model, texts, pairs, grid, recipe.binary, recipe.output_dir)
