@@ -18,7 +18,6 @@ from datasets import Dataset
 from mteb.abstasks.abstask import AbsTask
 from mteb.abstasks.retrieval import AbsTaskRetrieval
 from mteb.abstasks.task_metadata import TaskMetadata
-from mteb.types import PromptType
 
 from trainer.beir import load_split
 from trainer.errors import UserError
@@ -150,13 +149,33 @@ def resolve_task(spec: str) -> tuple[AbsTaskRetrieval, str]:
     return task, split
 
 
+def document_texts(corpus: Dataset) -> list[str]:
+    """A document as mteb's retrieval dataloader hands it to the model: ``"title text"`` stripped, or the text."""
+    titles = corpus["title"] if "title" in corpus.column_names else [None] * len(corpus)
+    return [
+        f"{title} {text}".strip() if title else text.strip() for title, text in zip(titles, corpus["text"], strict=True)
+    ]
+
+
+def query_texts(queries: Dataset, task_name: str) -> list[str]:
+    """A query as mteb hands it to the model: its text, followed by its instruction when the task has one."""
+    texts = queries["text"]
+    if texts and isinstance(texts[0], (dict, list)):
+        raise UserError(f"tasks: {task_name} has conversational queries; only text queries are supported")
+    if "instruction" not in queries.column_names:
+        return list(texts)
+    return [
+        text if instruction is None else f"{text} {instruction}"
+        for text, instruction in zip(texts, queries["instruction"], strict=True)
+    ]
+
+
 def task_texts(task: AbsTaskRetrieval, split: str) -> TaskTexts:
-    """Load the task and return its queries and documents exactly as mteb's dataloaders present them.
+    """Load the task and return its queries and documents exactly as mteb's dataloaders present them
+    (``document_texts``, ``query_texts``; tests/test_eval_helpers.py checks them against mteb's own).
 
     Raises UserError for an empty corpus or no judged query.
     """
-    from mteb._create_dataloaders import _retrieval_texts
-
     if not task.data_loaded:
         task.load_data()
     task.convert_v1_dataset_format_to_v2(num_proc=None)
@@ -171,7 +190,7 @@ def task_texts(task: AbsTaskRetrieval, split: str) -> TaskTexts:
         raise UserError(f"tasks: {task.metadata.name} split {split!r} has no queries")
     return TaskTexts(
         query_ids=[str(i) for i in queries["id"]],
-        queries=list(_retrieval_texts(queries, PromptType.query)),
+        queries=query_texts(queries, task.metadata.name),
         doc_ids=[str(i) for i in corpus["id"]],
-        docs=list(_retrieval_texts(corpus, PromptType.document)),
+        docs=document_texts(corpus),
     )

@@ -286,3 +286,25 @@ def test_minilm_cranfield_grid_equals_plain_mteb(tmp_path):
     assert scores[Cell(3, 128)]["ndcg_at_10"] == pytest.approx(
         plain_ndcg(truncated_model(name, 3, 128), spec), abs=1e-4
     )
+
+
+def test_our_text_formatting_equals_mteb_dataloaders():
+    """eval.tasks owns how documents and queries are written out; it must be exactly what mteb hands a model."""
+    from datasets import Dataset
+    from mteb._create_dataloaders import _retrieval_texts  # private, used here only as the reference
+    from mteb.types import PromptType
+
+    from eval.tasks import document_texts, query_texts
+
+    corpus = Dataset.from_dict(
+        {
+            "id": ["a", "b", "c", "d"],
+            "title": ["Wing lift", "", "  spaced  ", "Shock"],
+            "text": ["in a slipstream ", " boundary layers", "heat transfer", ""],
+        }
+    )
+    assert document_texts(corpus) == list(_retrieval_texts(corpus, PromptType.document))
+    plain = Dataset.from_dict({"id": ["q1", "q2"], "text": ["what is lift?", " drag "]})
+    assert query_texts(plain, "t") == list(_retrieval_texts(plain, PromptType.query))
+    instructed = plain.add_column("instruction", ["Answer briefly.", None])
+    assert query_texts(instructed, "t") == list(_retrieval_texts(instructed, PromptType.query))
