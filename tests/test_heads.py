@@ -57,6 +57,15 @@ def test_gradients_reach_every_block_through_the_residual_steps():
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
+def test_heads_without_blocks_are_the_untrained_heads_at_no_cost():
+    x = unit(40, 16, seed=5)
+    plain, untrained = BinaryHeads.parameter_free([16], [1, 2, 4]), BinaryHeads([16], [1, 2, 4], hidden=24).eval()
+    assert sum(p.numel() for p in plain.parameters()) == 0
+    for bits in (1, 2, 4):
+        cell = Cell(2, 16, bits)
+        np.testing.assert_array_equal(plain.encode(x, cell).packed, untrained.encode(x, cell).packed)
+
+
 def test_untrained_heads_are_the_residual_sign_quantiser():
     """At initialisation: 1 bit = sign bits; plane k = sign of the residual after steps 2^-i / sqrt(d)."""
     x = unit(50, 16, seed=4)
@@ -182,7 +191,8 @@ def test_save_and_load_round_trip(tmp_path):
         ({"bits": [1, 17]}, "binary.bits: 17 is not a code depth"),
         ({"sharing": "layer"}, "binary.sharing: 'layer' .* \\['dim', 'cell'\\]"),
         ({"mode": "frozen"}, "binary.mode: 'frozen'"),
-        ({"hidden": 0}, "binary.hidden: 0"),
+        ({"hidden": -1}, "binary.hidden: -1"),
+        ({"hidden": 0, "mode": "head-only"}, "binary.hidden: 0 .* head-only"),
         ({"batch_size": 1}, "binary.batch_size: 1"),
         ({"scale": 0}, "binary.scale: 0"),
         ({"kl_weight": -1}, "binary.kl_weight: -1"),

@@ -104,24 +104,34 @@ def residual_block(dim: int, hidden: int) -> nn.Sequential:
     return block
 
 
+def corrected(z: Tensor, block: nn.Module | None) -> Tensor:
+    """``z + block(z)``, or ``z`` for a head without learned blocks."""
+    return z if block is None else z + block(z)
+
+
 class RecurrentBinarizer(nn.Module):
-    """One recurrent head for ``dim``-dimensional unit embeddings, ``steps`` residual steps (module docstring)."""
+    """One recurrent head for ``dim``-dimensional unit embeddings, ``steps`` residual steps (module docstring).
+
+    ``hidden=0`` builds no blocks at all: the head is then the residual sign quantiser itself, with no
+    parameters and no cost beyond the signs.
+    """
 
     def __init__(self, dim: int, steps: int, hidden: int) -> None:
         super().__init__()
-        self.dim = dim
+        self.dim, self.steps = dim, steps
         self.step_size = 1.0 / math.sqrt(dim)
-        self.encoder = residual_block(dim, hidden)
-        self.decoders = nn.ModuleList(residual_block(dim, hidden) for _ in range(steps))
-        self.residuals = nn.ModuleList(residual_block(dim, hidden) for _ in range(steps))
+        self.encoder = residual_block(dim, hidden) if hidden else None
+        self.decoders = nn.ModuleList(residual_block(dim, hidden) for _ in range(steps)) if hidden else None
+        self.residuals = nn.ModuleList(residual_block(dim, hidden) for _ in range(steps)) if hidden else None
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """Float forms ``[e_0, .., e_steps]`` (each (N, dim)) of the nested codes of ``x`` (N, dim)."""
-        floats = [sign_ste(x + self.encoder(x))]
-        for k, (decoder, residual) in enumerate(zip(self.decoders, self.residuals, strict=True), start=1):
-            x_hat = self.step_size * floats[-1] + decoder(floats[-1])
-            r = x - x_hat
-            floats.append(floats[-1] + 2.0**-k * sign_ste(r + residual(r)))
+        floats = [sign_ste(corrected(x, self.encoder))]
+        for k in range(1, self.steps + 1):
+            decoder = self.decoders[k - 1] if self.decoders is not None else None
+            residual = self.residuals[k - 1] if self.residuals is not None else None
+            x_hat = self.step_size * floats[-1] + (decoder(floats[-1]) if decoder is not None else 0.0)
+            floats.append(floats[-1] + 2.0**-k * sign_ste(corrected(x - x_hat, residual)))
         return floats
 
 
@@ -184,8 +194,8 @@ class BinaryHeads(
 
     @classmethod
     def parameter_free(cls, dims: Iterable[int], bits: Sequence[int] = (1, 2, 4)) -> BinaryHeads:
-        """The untrained residual sign quantiser (1 bit = sign bits), for models without trained heads."""
-        return cls(dims, bits, hidden=1).eval()
+        """The residual sign quantiser (1 bit = sign bits) without learned blocks, for models without heads."""
+        return cls(dims, bits, hidden=0).eval()
 
     @property
     def bits(self) -> tuple[int, ...]:
@@ -243,8 +253,8 @@ class BinaryHeads(
         self.check_depth(cell.bits)
         head = self.head_for(cell)
         x = embeddings if isinstance(embeddings, Tensor) else torch.from_numpy(np.asarray(embeddings))
-        parameter = next(head.parameters())
-        x = F.normalize(x.to(parameter.device, parameter.dtype), dim=-1)
+        parameter = next(head.parameters(), None)
+        x = F.normalize(x.float() if parameter is None else x.to(parameter.device, parameter.dtype), dim=-1)
         was_training = self.training
         self.eval()
         try:

@@ -34,6 +34,8 @@ class BinaryCodeHead(Module):
     def from_trained(cls, head: RecurrentBinarizer, bits: int, hidden: int) -> BinaryCodeHead:
         """Copy the blocks a depth needs (the encoder and the first ``bits - 1`` residual steps)."""
         module = cls(head.dim, bits, hidden)
+        if not hidden:  # the residual sign quantiser: nothing to copy
+            return module
         module.head.encoder.load_state_dict(head.encoder.state_dict())
         for k in range(bits - 1):
             module.head.decoders[k].load_state_dict(head.decoders[k].state_dict())

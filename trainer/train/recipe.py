@@ -169,7 +169,8 @@ class BinaryConfig:
     """The recipe's ``binary:`` section.
 
     ``bits``: the code depths trained (and later servable), e.g. ``[1, 2, 4]``; the head has
-    ``max(bits) - 1`` residual steps and a loss at every listed depth. ``hidden``: width of every MLP block.
+    ``max(bits) - 1`` residual steps and a loss at every listed depth. ``hidden``: width of every MLP block
+    (0: no blocks; the heads are then the residual sign quantiser and the code terms train only the encoder).
     ``sharing``: ``dim`` or ``cell`` (see the module docstring). ``mode``: ``joint`` (encoder and heads
     together, ``trainer.losses.binary``) or ``head-only`` (frozen encoder, ``trainer.head_only``).
     ``weight`` / ``kl_weight`` / ``kl_temperature`` / ``scale``: the weight of the code InfoNCE group (its mean
@@ -205,7 +206,13 @@ class BinaryConfig:
             raise UserError(f"binary.sharing: {self.sharing!r} is not valid; use one of {list(SHARING)}")
         if self.mode not in MODES:
             raise UserError(f"binary.mode: {self.mode!r} is not valid; use one of {list(MODES)}")
-        for key in ("hidden", "steps", "batch_size"):
+        if not isinstance(self.hidden, int) or self.hidden < 0:
+            raise UserError(
+                f"binary.hidden: {self.hidden!r} is not valid; use 0 (no learned blocks) or a positive integer"
+            )
+        if self.hidden == 0 and self.mode == "head-only":
+            raise UserError("binary.hidden: 0 leaves nothing to learn in head-only mode; use a positive width, e.g. 512")
+        for key in ("steps", "batch_size"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
                 raise UserError(f"binary.{key}: {value!r} is not valid; use a positive integer")
