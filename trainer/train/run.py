@@ -196,7 +196,7 @@ def loss_learning_rates(recipe: Recipe, loss: ElasticLoss) -> dict[str, float]:
     """Learning rates of the loss's own, randomly initialised parameters (parameter-name regex -> rate), so
     they are not trained at the encoder's fine-tuning rate; a recipe's learning_rate_mapping overrides them."""
     rates = {}
-    if loss.heads is not None and recipe.binary.lr > 0:
+    if loss.heads is not None and recipe.binary.lr > 0 and any(p.requires_grad for p in loss.heads.parameters()):
         rates[r"(^|\.)heads\."] = recipe.binary.lr
     if "distill" in loss.terms and loss.terms["distill"].projection is not None:
         rates[r"\.projection\."] = recipe.distill.projection_lr
