@@ -13,9 +13,9 @@ Metric names follow sentence-transformers' evaluators (``<name>_<metric>``, the 
     eval_cranfield-test_ndcg@10_L3-D128-B1      one cell at one bit depth (B32 = float)
     eval_cranfield-test_ndcg@10_mean            mean over the scored cells
 
-With several sets, ``ndcg@10_<cell>`` and ``ndcg@10_mean`` are also logged as means over the sets.
-``primary_metric`` (what ``load_best_model_at_end`` uses unless ``metric_for_best_model`` names another
-key) is the ``mean`` or the configured cell.
+With several sets, ``ndcg@10_<cell>`` and ``ndcg@10_mean`` are also logged as means over the sets
+(``trainer.train.recipe.cell_metric`` names them). ``primary_metric`` is the ``mean`` or the configured
+cell; a recipe with ``load_best_model_at_end`` and no ``metric_for_best_model`` selects by it.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ from eval.tasks import TaskTexts, beir_task, task_texts
 from trainer.beir import load_split, write_subset
 from trainer.binary.heads import BinaryHeads
 from trainer.grid import Cell, Grid
+from trainer.train.recipe import cell_metric
 
 logger = logging.getLogger(__name__)
-METRIC = "ndcg@10"
 SETS_FOLDER = Path("eval") / "sets"
 
 
@@ -78,8 +78,7 @@ class CellRetrievalEvaluator(BaseEvaluator):
         super().__init__()
         self.sets, self.grid, self.heads, self.batch_size = sets, grid, heads, batch_size
         self.cells = grid.all_cells()
-        scope = self.sets[0].name + "_" if len(self.sets) == 1 else ""
-        self.primary_metric = f"{scope}{METRIC}_{primary}"
+        self.primary_metric = cell_metric([dev.name for dev in sets], primary)
 
     def __call__(
         self, model: SentenceTransformer, output_path: str | None = None, epoch: int = -1, steps: int = -1
@@ -91,12 +90,15 @@ class CellRetrievalEvaluator(BaseEvaluator):
             model.train(was_training)
         metrics: dict[str, float] = {}
         for name, scores in per_set.items():
-            metrics.update({f"{name}_{METRIC}_{cell}": value for cell, value in scores.items()})
-            metrics[f"{name}_{METRIC}_mean"] = float(np.mean(list(scores.values())))
-        if len(self.sets) > 1:
+            metrics.update({cell_metric([name], str(cell)): value for cell, value in scores.items()})
+            metrics[cell_metric([name], "mean")] = float(np.mean(list(scores.values())))
+        if len(per_set) > 1:
+            names = list(per_set)
             for cell in self.cells:
-                metrics[f"{METRIC}_{cell}"] = float(np.mean([scores[cell] for scores in per_set.values()]))
-            metrics[f"{METRIC}_mean"] = float(np.mean([metrics[f"{METRIC}_{cell}"] for cell in self.cells]))
+                metrics[cell_metric(names, str(cell))] = float(np.mean([scores[cell] for scores in per_set.values()]))
+            metrics[cell_metric(names, "mean")] = float(
+                np.mean([metrics[cell_metric(names, str(c))] for c in self.cells])
+            )
         logger.info("cell nDCG@10 at step %s: %s", steps, {k: round(v, 4) for k, v in metrics.items()})
         self.store_metrics_in_model_card_data(model, metrics, epoch, steps)
         return metrics

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from test_eval_helpers import make_beir_folder
 
+from eval.cli import main as eval_main
 from eval.runner import GridRequest, run_grid
 from tests.conftest import MINILM, requires_shared_data
 from trainer.beir import load_split, write_subset
@@ -81,6 +82,31 @@ def test_logged_cell_scores_equal_eval_grid_of_each_checkpoint_and_pick_the_best
     assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best_step}")
 
 
+def test_several_dev_sets_log_per_set_and_mean_over_sets(tiny_model_path, beir):
+    from sentence_transformers import SentenceTransformer
+
+    from eval.cell_evaluator import CellRetrievalEvaluator, dev_set
+
+    model = SentenceTransformer(str(tiny_model_path), device="cpu")
+    model.train()
+    sets = [dev_set("beir-test", beir, "test"), dev_set("beir-train", beir, "train")]
+    evaluator = CellRetrievalEvaluator(sets, Grid.from_spec(cells=["L1-D8", "L4-D32"], bits=[1, 32]))
+    metrics = evaluator(model)
+    assert model.training  # restored after encoding in eval mode
+    cells = ["L1-D8-B1", "L1-D8-B32", "L4-D32-B1", "L4-D32-B32"]
+    for cell in cells:
+        per_set = [metrics[f"beir-test_ndcg@10_{cell}"], metrics[f"beir-train_ndcg@10_{cell}"]]
+        assert metrics[f"ndcg@10_{cell}"] == pytest.approx(sum(per_set) / 2)
+    assert metrics["ndcg@10_mean"] == pytest.approx(sum(metrics[f"ndcg@10_{c}"] for c in cells) / 4)
+    assert evaluator.primary_metric == "ndcg@10_mean" and len(metrics) == 3 * (len(cells) + 1)
+
+
+def test_load_best_model_at_end_selects_by_the_primary_cell_by_default(tiny_model_path, beir, tmp_path):
+    raw = recipe_dict(tiny_model_path, beir, tmp_path / "run", load_best_model_at_end=True)
+    raw["evaluation"]["primary"] = "L2-D16-B1"
+    assert parse_recipe(raw).training["metric_for_best_model"] == "eval_beir-test_ndcg@10_L2-D16-B1"
+
+
 def test_capped_dev_set_is_a_beir_folder_that_keeps_judged_documents(tmp_path):
     folder = requires_shared_data("cranfield")
     split = load_split(folder, "test")
@@ -121,7 +147,7 @@ def test_bad_evaluation_sections_are_refused_before_any_model_loads(tiny_model_p
 
 
 @pytest.mark.slow
-def test_minilm_demo_run_logs_moving_cell_scores_equal_to_eval_grid(tmp_path):
+def test_minilm_demo_run_logs_moving_cell_scores_equal_to_eval_grid_and_pick_chooses_from_it(tmp_path, capsys):
     """Demo-sized: MiniLM on cranfield pairs with a capped cranfield-test dev set, as configs/demo.yaml would run."""
     cranfield = requires_shared_data("cranfield")
     out = tmp_path / "run"
@@ -154,7 +180,32 @@ def test_minilm_demo_run_logs_moving_cell_scores_equal_to_eval_grid(tmp_path):
     prefix = "eval_cranfield-test_ndcg@10_"
     assert sorted(logged) == [3, 6] and logged[3] != logged[6]
     dev = out / "eval" / "sets" / "cranfield-test"
-    expected = grid_scores(out, f"{dev}:test", cells, [32, 1], tmp_path / "grid")
-    for cell, value in expected.items():
-        assert logged[6][prefix + cell] == pytest.approx(value, abs=1e-4)
+    grid_dir = tmp_path / "grid"
+    eval_main(
+        [
+            "grid",
+            "--model",
+            str(out),
+            "--tasks",
+            f"{dev}:test",
+            "--cells",
+            *cells,
+            "--bits",
+            "32",
+            "1",
+            "--output",
+            str(grid_dir),
+        ]
+    )
+    grid = json.loads((grid_dir / "grid.json").read_text())
+    for entry in grid["cells"]:
+        assert logged[6][prefix + entry["cell"]] == pytest.approx(
+            entry["scores"]["cranfield-test"]["ndcg_at_10"], abs=1e-4
+        )
+    capsys.readouterr()
+    eval_main(["pick", str(grid_dir / "grid.json"), "--max-bytes", "64"])
+    first = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 |"))
+    fitting = [e for e in grid["cells"] if e["bytes_per_vector"] <= 64]
+    best = max(fitting, key=lambda e: (e["scores"]["cranfield-test"]["ndcg_at_10"], -e["bytes_per_vector"]))
+    assert first.split(" | ")[1] == best["cell"]
     assert json.loads((out / "elastic_manifest.json").read_text())["loss_class"] == "ElasticLoss"

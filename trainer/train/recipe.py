@@ -300,6 +300,14 @@ class DistillConfig:
 
 
 _SET_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+EVAL_METRIC = "ndcg@10"
+
+
+def cell_metric(sets: list[str], what: str) -> str:
+    """The evaluator's name of nDCG@10 of ``what`` (a cell such as ``L3-D128-B1``, or ``mean`` over cells) over
+    dev ``sets``: ``<set>_ndcg@10_<what>`` for one set, ``ndcg@10_<what>`` for the mean over several. The
+    Trainer logs it with the prefix ``eval_``."""
+    return f"{sets[0]}_{EVAL_METRIC}_{what}" if len(sets) == 1 else f"{EVAL_METRIC}_{what}"
 
 
 @dataclass
@@ -343,8 +351,9 @@ class EvaluationConfig:
     ``sets``: dev sets (``EvalSetConfig``); ``cells``: the (layer, dim) cells scored (default: the trained
     cells and the full cell); ``bits``: their depths, 32 = float (default: float and the ``binary`` depths);
     ``batch_size``: encoding batch size; ``primary``: a cell, or ``mean`` over the scored cells, whose metric
-    is the evaluator's ``primary_metric``. Metrics are logged as ``eval_<set>_ndcg@10_<cell>`` and
-    ``eval_<set>_ndcg@10_mean``; ``training.metric_for_best_model`` may name any of them.
+    is the evaluator's ``primary_metric`` and the default ``metric_for_best_model`` with
+    ``load_best_model_at_end``. Metrics are logged as ``eval_<set>_ndcg@10_<cell>`` and
+    ``eval_<set>_ndcg@10_mean`` (``cell_metric``); ``training.metric_for_best_model`` may name any of them.
     """
 
     sets: list[EvalSetConfig]
@@ -404,15 +413,17 @@ def check_evaluation(recipe: Recipe, trained: Grid, num_layers: int, embedding_d
                     check_packable(cell.dim)  # the parameter-free residual sign quantiser serves any depth
             except UserError as error:
                 raise UserError(f"evaluation.cells: {cell}: {error}") from None
-    evaluation.primary_cell(grid)
+    primary = cell_metric(labels, evaluation.primary_cell(grid))
     best = recipe.training.get("metric_for_best_model")
-    if best and "ndcg@10_" in str(best):
-        scopes = [f"{label}_" for label in labels] + ([""] if len(labels) > 1 else [])
-        valid = [f"eval_{scope}ndcg@10_{c}" for scope in scopes for c in [*map(str, grid.all_cells()), "mean"]]
+    if not best and recipe.training.get("load_best_model_at_end"):
+        recipe.training["metric_for_best_model"] = f"eval_{primary}"
+    elif best and f"{EVAL_METRIC}_" in str(best):
+        scopes = [[label] for label in labels] + ([labels] if len(labels) > 1 else [])
+        valid = [f"eval_{cell_metric(scope, c)}" for scope in scopes for c in [*map(str, grid.all_cells()), "mean"]]
         if str(best) not in valid and f"eval_{best}" not in valid:
             raise UserError(
-                f"training.metric_for_best_model: {best!r} is not logged; use {valid[-1]!r} or "
-                f"eval_{labels[0]}_ndcg@10_<cell> for a scored cell, e.g. {valid[0]!r}"
+                f"training.metric_for_best_model: {best!r} is not logged; use e.g. {valid[0]!r} (one cell) or "
+                f"{valid[-1]!r}"
             )
 
 
