@@ -89,13 +89,15 @@ def pareto(grid: dict[str, Any], kind: str, path: Path) -> None:
         linewidth=1,
         label="Pareto frontier",
     )
+    points: dict[tuple[float, float], list[str]] = {}  # equal cells (e.g. same code at two depths) share a label
     for row in frontier:
-        axis.annotate(
-            str(row.cell), (row.cost(kind), row.quality), textcoords="offset points", xytext=(4, -10), fontsize=7
-        )
+        points.setdefault((row.cost(kind), row.quality), []).append(str(row.cell))
+    for (x, y), names in points.items():
+        axis.annotate(" = ".join(names), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
     label, what, _ = AXES[kind]
     axis.set_xscale("log", base=2 if kind == "bytes" else 10)
-    axis.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axis.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    axis.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g" if kind == "latency" else ""))
     axis.set_xlabel(label)
     tasks = [t["name"] for t in grid["tasks"]]
     axis.set_ylabel("nDCG@10" + (" (mean over tasks)" if len(tasks) > 1 else ""))
