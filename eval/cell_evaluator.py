@@ -32,14 +32,14 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.evaluation import BaseEvaluator
 
 from eval.embeddings import LayerEmbeddings, encode_unique
-from eval.report import MAIN_METRIC
+from eval.pick import MAIN_METRIC
 from eval.runner import cell_meta, task_prompt
 from eval.search import CellSearch
 from eval.tasks import TaskTexts, beir_task, task_texts
 from trainer.beir import load_split, write_subset
 from trainer.binary.heads import BinaryHeads
 from trainer.grid import Cell, Grid
-from trainer.train.recipe import cell_metric
+from trainer.train.recipe import Recipe, cell_metric
 
 logger = logging.getLogger(__name__)
 SETS_FOLDER = Path("eval") / "sets"
@@ -76,7 +76,7 @@ class CellRetrievalEvaluator(BaseEvaluator):
         primary: str = "mean",
     ) -> None:
         super().__init__()
-        self.sets, self.grid, self.heads, self.batch_size = sets, grid, heads, batch_size
+        self.sets, self.heads, self.batch_size = sets, heads, batch_size
         self.cells = grid.all_cells()
         self.primary_metric = cell_metric([dev.name for dev in sets], primary)
 
@@ -124,7 +124,7 @@ class CellRetrievalEvaluator(BaseEvaluator):
         return {"sets": [dev.name for dev in self.sets], "cells": [str(cell) for cell in self.cells]}
 
 
-def build_evaluator(recipe: Any, grid: Grid, full: Cell, heads: BinaryHeads | None) -> CellRetrievalEvaluator:
+def build_evaluator(recipe: Recipe, grid: Grid, full: Cell, heads: BinaryHeads | None) -> CellRetrievalEvaluator:
     """The evaluator of a recipe's ``evaluation`` section; capped sets are written under
     ``<output_dir>/eval/sets/<name>`` (a BEIR folder ``eval grid`` can score)."""
     config = recipe.evaluation
