@@ -1,4 +1,5 @@
-"""Command line: ``python -m eval grid --model M --tasks T ... [--config eval.yaml]`` (``elastic-eval``)."""
+"""Command line (``elastic-eval``): ``python -m eval grid --model M --tasks T ... [--config eval.yaml]`` scores
+every cell; ``python -m eval pick grid.json --max-bytes 32 [--max-ms-per-query X] [--min-ndcg Y]`` chooses one."""
 
 from __future__ import annotations
 
@@ -31,7 +32,24 @@ def _parser() -> argparse.ArgumentParser:
         "--max-seq-length", dest="max_seq_length", type=int, help="cut texts at N tokens (default: model's)"
     )
     grid.add_argument("--overwrite", action="store_true", default=None, help="recompute cells already scored")
+    pick = commands.add_parser("pick", help="the best cells of a grid.json within a size, speed and quality budget")
+    pick.add_argument("grid", help="grid.json written by `eval grid` (or its folder)")
+    pick.add_argument("--max-bytes", dest="max_bytes", type=float, help="largest bytes per vector")
+    pick.add_argument("--max-ms-per-query", dest="max_ms_per_query", type=float, help="slowest ms per query")
+    pick.add_argument("--min-ndcg", dest="min_ndcg", type=float, help="lowest nDCG@10 (mean over the grid's tasks)")
+    pick.add_argument("--task", help="judge quality and speed on this task of the grid only")
+    pick.add_argument("--top", type=int, default=5, help="how many cells to list (default 5)")
+    pick.add_argument("--checkpoint", help="checkpoint path for the export commands (default: the grid's model)")
     return parser
+
+
+def run_pick(args: argparse.Namespace) -> None:
+    from eval.pick import load_grid, report
+
+    if args.top < 1:
+        raise UserError(f"--top: {args.top} is not valid; give a positive integer")
+    grid = load_grid(args.grid)
+    print(report(grid, args.max_bytes, args.max_ms_per_query, args.min_ndcg, args.task, args.top, args.checkpoint))
 
 
 def run(args: argparse.Namespace) -> None:
@@ -58,6 +76,9 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    if args.command == "pick":
+        run_cli(lambda: run_pick(args))
+        return
     run_cli(
         lambda: run(args),
         on_interrupt="every cell scored so far is kept in the output folder; rerun the same command to resume",

@@ -42,7 +42,7 @@ def _fingerprint(model_id: str, prompts: Sequence[str | None], texts: TaskTexts)
     return digest.hexdigest()
 
 
-def _encode_unique(
+def encode_unique(
     model: SentenceTransformer, texts: list[str], layers: Sequence[int], batch_size: int, prompt: str | None
 ) -> dict[int, Tensor]:
     """Encode each distinct text once and scatter the rows back to ``texts`` order."""
@@ -76,7 +76,7 @@ def load_or_encode(
     if not all(f"{role}.L{layer}" in tensors for role in ROLES for layer in layers):
         tensors = {}
         for role, role_texts, prompt in zip(ROLES, (texts.queries, texts.docs), prompts, strict=True):
-            for layer, emb in _encode_unique(model, role_texts, layers, batch_size, prompt).items():
+            for layer, emb in encode_unique(model, role_texts, layers, batch_size, prompt).items():
                 tensors[f"{role}.L{layer}"] = emb
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         partial = cache_file.with_suffix(".partial")

@@ -1,4 +1,5 @@
-"""``grid.json`` and one markdown table per bit depth (rows: layers, columns: dims, cells: nDCG@10)."""
+"""``grid.json`` (quality, cost and Pareto frontier per cell) and one markdown table per bit depth (rows: layers,
+columns: dims, cells: nDCG@10)."""
 
 from __future__ import annotations
 
@@ -6,42 +7,51 @@ import json
 from pathlib import Path
 from typing import Any
 
+from eval.pick import COSTS, MAIN_METRIC, cell_rows, pareto_front
 from eval.runner import GridResults
 from eval.search import RESCORE_K
 from trainer.grid import FLOAT_BITS, Cell
 
-MAIN_METRIC = "ndcg_at_10"
-
 
 def grid_dict(results: GridResults) -> dict[str, Any]:
-    """Every cell with its layers, dim, bits, bytes per vector and, per task, every numeric mteb metric."""
+    """Every cell with its layers, dim, bits, bytes per vector, per task every numeric mteb metric and what it
+    costs to serve (``eval.cost``), and whether it is on the Pareto frontier of quality against bytes and
+    against ms per query (``eval.pick``)."""
     cells = []
     for cell in results.cells:
         scores = {
             task: {k: v for k, v in results.scores[task][cell].items() if isinstance(v, (int, float))}
             for task in results.tasks
         }
-        cells.append(
-            {
-                "cell": str(cell),
-                "layers": cell.layers,
-                "dim": cell.dim,
-                "bits": cell.bits,
-                "bytes_per_vector": cell.bytes_per_vector,
-                "scores": scores,
-            }
-        )
-    return {
+        entry = {
+            "cell": str(cell),
+            "layers": cell.layers,
+            "dim": cell.dim,
+            "bits": cell.bits,
+            "bytes_per_vector": cell.bytes_per_vector,
+            "scores": scores,
+        }
+        if all(cell in results.costs.get(task, {}) for task in results.tasks):
+            entry["cost"] = {task: results.costs[task][cell] for task in results.tasks}
+        cells.append(entry)
+    grid = {
         "model": results.model,
+        "checkpoint": results.checkpoint,
         "revision": results.revision,
         "num_layers": results.num_layers,
         "embedding_dim": results.embedding_dim,
         "rescore": results.rescore,
         "codes": results.codes,
         "main_metric": MAIN_METRIC,
+        "machine": results.machine,
         "tasks": [{"name": name, "split": split} for name, split in results.tasks.items()],
         "cells": cells,
     }
+    rows = cell_rows(grid)
+    fronts = {kind: pareto_front(rows, lambda row, kind=kind: row.cost(kind)) for kind in COSTS}
+    for entry, row in zip(cells, rows, strict=True):
+        entry["pareto"] = {kind: row.cell in front for kind, front in fronts.items()}
+    return grid
 
 
 def bits_label(bits: int) -> str:

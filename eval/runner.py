@@ -7,7 +7,8 @@ Result files follow mteb's cache layout under ``<output>/results``, one mteb *ex
     <output>/results/<model>/<revision>/experiments/cell_L4-D128-B1__codes_sign/<Task>.json   (--codes sign)
 
 so ``mteb.ResultCache(<output>)`` loads them and a rerun skips every cell whose split is already scored.
-Embeddings of all needed layers are cached in ``<output>/embeddings/<Task>-<split>.safetensors``.
+Embeddings of all needed layers are cached in ``<output>/embeddings/<Task>-<split>.safetensors``, and what
+each cell costs to serve on this machine in ``<output>/costs.json`` (``eval.cost``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from mteb.types import PromptType
 from sentence_transformers import SentenceTransformer
 from tqdm.auto import tqdm
 
+from eval.cost import CostStore, cell_cost, experiment_key, measure
 from eval.embeddings import load_or_encode
 from eval.search import CellSearch
 from eval.tasks import resolve_task, task_texts
@@ -56,7 +58,8 @@ class GridRequest:
 
 @dataclass
 class GridResults:
-    """``scores[task][cell]`` is the mteb score dict of the evaluated split (ndcg_at_10, mrr_at_10, ...)."""
+    """``scores[task][cell]`` is the mteb score dict of the evaluated split (ndcg_at_10, mrr_at_10, ...);
+    ``costs[task][cell]`` what the cell costs to serve on ``machine`` (``eval.cost.cell_cost``)."""
 
     model: str
     revision: str
@@ -68,6 +71,9 @@ class GridResults:
     codes: str = "trained"
     scores: dict[str, dict[Cell, dict[str, Any]]] = field(default_factory=dict)
     scored_cells: int = 0
+    costs: dict[str, dict[Cell, dict[str, float]]] = field(default_factory=dict)  # see eval.cost
+    machine: str = ""
+    checkpoint: str = ""  # the --model as given, for the export commands of ``eval pick``
 
 
 def load_model(model: str) -> SentenceTransformer:
@@ -118,7 +124,7 @@ def cell_meta(name: str, revision: str, cell: Cell, rescore: int, codes: str = "
     )
 
 
-def _prompt(model: SentenceTransformer, task: AbsTaskRetrieval, prompt_type: PromptType) -> str | None:
+def task_prompt(model: SentenceTransformer, task: AbsTaskRetrieval, prompt_type: PromptType) -> str | None:
     """The prompt mteb's SentenceTransformer wrapper would use (task-name, task-type, then role keys)."""
     prompts = {k: v for k, v in (model.prompts or {}).items() if v}
     key = get_prompt_name(prompts or None, task.metadata, prompt_type)
@@ -160,20 +166,25 @@ def run_grid(request: GridRequest, model: SentenceTransformer | None = None) -> 
         model.max_seq_length = request.max_seq_length
         revision = f"{revision}-len{request.max_seq_length}"
     cache = ResultCache(request.output)
+    costs = CostStore(request.output, f"{name}@{revision}", request.batch_size, request.overwrite)
     splits = {t.metadata.name: s for t, s in tasks}
     results = GridResults(name, revision, depth, width, cells, splits, request.rescore, request.codes)
+    results.machine, results.checkpoint = costs.machine, request.model
     for task, split in tasks:
         task_name = task.metadata.name
         metas = {cell: cell_meta(name, revision, cell, request.rescore, request.codes) for cell in cells}
+        keys = {cell: experiment_key(metas[cell].experiment_kwargs) for cell in cells}
         missing = [c for c in cells if request.overwrite or not _is_scored(cache, metas[c], task, split)]
-        if missing:
+        unmeasured = costs.unmeasured(f"{task_name}-{split}", {keys[c]: c for c in cells})
+        if missing or unmeasured:
+            prompts = (task_prompt(model, task, PromptType.query), task_prompt(model, task, PromptType.document))
             embeddings = load_or_encode(
                 model,
                 f"{name}@{revision}",
                 texts[task_name],
-                sorted({c.layers for c in missing}),
+                sorted({c.layers for c in [*missing, *unmeasured]}),
                 request.output / "embeddings" / f"{task_name}-{split}.safetensors",
-                prompts=(_prompt(model, task, PromptType.query), _prompt(model, task, PromptType.document)),
+                prompts=prompts,
                 batch_size=request.batch_size,
             )
             for cell in tqdm(missing, desc=f"Scoring cells of {task_name}", unit="cell"):
@@ -187,5 +198,10 @@ def run_grid(request: GridRequest, model: SentenceTransformer | None = None) -> 
                     encode_kwargs={"batch_size": request.batch_size, "show_progress_bar": False},
                 )
                 results.scored_cells += 1
+            searches = {
+                keys[c]: CellSearch(c, embeddings, metas[c], heads=heads, rescore=request.rescore) for c in unmeasured
+            }
+            measure(costs, f"{task_name}-{split}", model, texts[task_name], searches, embeddings, prompts)
         results.scores[task_name] = {c: _split_scores(cache, metas[c], task, split) for c in cells}
+        results.costs[task_name] = {c: cell_cost(costs.task(f"{task_name}-{split}"), c, keys[c]) for c in cells}
     return results

@@ -21,6 +21,8 @@ from trainer.serve import publish as publish_module
 from trainer.serve.export import export_cell
 from trainer.serve.model import load
 from trainer.serve.publish import publish
+from trainer.train.losses import Matryoshka2dLoss
+from trainer.train.losses.binary import BinaryCodeLoss
 
 TEXTS = ["lift of a wing in a slipstream", "boundary layer transition", "heat transfer at mach 6", "shock tubes"]
 
@@ -43,6 +45,9 @@ def checkpoint(tiny_model_path, tmp_path):
         "cells": ["L2-D16", "L4-D32"],
         "bits": [1, 2, 32],
         "recipe": {"data": {"train": [{"hub": "sentence-transformers/all-nli"}]}},
+        "loss_class": "ElasticLoss",
+        "loss_config": {"mode": "starbucks", "matryoshka": {"scale": 20.0}, "binary": {"bits": [1, 2]}},
+        "citation": Matryoshka2dLoss.citation + "\n" + BinaryCodeLoss.citation,
     }
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
     return folder
@@ -138,6 +143,7 @@ def grid_dir(tmp_path):
     cells = []
     for i, cell in enumerate([Cell(2, 16), Cell(4, 32), Cell(2, 16, 1), Cell(4, 32, 2)]):
         scores = {"cranfield": {"ndcg_at_10": 0.1 + i / 10, "mrr_at_10": 0.2, "recall_at_100": 0.5}}
+        cost = {"queries_per_s": 100.0 * (i + 1), "docs_per_s": 50.0, "search_ms_per_query": 0.5, "ms_per_query": 3 + i}
         cells.append(
             {
                 "cell": str(cell),
@@ -146,16 +152,20 @@ def grid_dir(tmp_path):
                 "bits": cell.bits,
                 "bytes_per_vector": cell.bytes_per_vector,
                 "scores": scores,
+                "cost": {"cranfield": cost},
+                "pareto": {"bytes": cell.bits < 32, "latency": i == 0},
             }
         )
     grid = {
         "model": "ckpt",
         "main_metric": "ndcg_at_10",
+        "machine": "test machine",
         "tasks": [{"name": "cranfield", "split": "test"}],
         "cells": cells,
     }
     (folder / "grid.json").write_text(json.dumps(grid))
     (folder / "pareto.png").write_bytes(b"\x89PNG fake")
+    (folder / "pareto-latency.png").write_bytes(b"\x89PNG fake")
     return folder
 
 
@@ -189,20 +199,43 @@ def test_dry_run_writes_exactly_the_upload(checkpoint, grid_dir, tmp_path, monke
     assert {m["name"]: m["value"] for m in metrics} == {
         f"nDCG@10 ({e['cell']})": e["scores"]["cranfield"]["ndcg_at_10"] for e in grid["cells"]
     }
-    for entry in grid["cells"]:
-        row = next(line for line in card.splitlines() if line.startswith(f"| {entry['cell']} |"))
-        assert f"{entry['scores']['cranfield']['ndcg_at_10']:.4f}" in row and f"{entry['bytes_per_vector']:g}" in row
-    for citation in (
+    for entry in grid["cells"]:  # the servable-cells table: quality, bytes, speed and the Pareto marks
+        row = next(line for line in card.splitlines() if line.startswith(f"| {entry['cell']} |")).split(" | ")
+        cost = entry["cost"]["cranfield"]
+        assert row[2:6] == [
+            f"{entry['bytes_per_vector']:g}",
+            f"{entry['scores']['cranfield']['ndcg_at_10']:.4f}",
+            f"{cost['ms_per_query']:.2f}",
+            f"{cost['queries_per_s']:.0f}",
+        ]
+        assert [mark.strip(" |") for mark in row[6:]] == [
+            "★" if entry["pareto"][k] else "" for k in ("bytes", "latency")
+        ]
+    for citation in (  # from the loss recorded in the manifest, plus sentence-transformers'
+        "Sentence-BERT",
         "2D Matryoshka Sentence Embeddings",
         "Starbucks",
         "Binary Embedding-based Retrieval",
-        "Jasper and Stella",
         "Matryoshka Representation Learning",
     ):
         assert citation in card
-    assert "![" in card and "pareto.png" in card
+    assert "Jasper and Stella" not in card  # this model was not distilled
+    assert "loss:ElasticLoss" in meta["tags"] and '"mode": "starbucks"' in card
+    assert "](pareto.png)" in card and "](pareto-latency.png)" in card and "pareto-latency.png" in files
     staged_manifest = json.loads((tmp_path / "dry" / MANIFEST_NAME).read_text())
     assert staged_manifest["evaluation"]["grid"] == "grid.json"
+    servable = {entry["cell"]: entry for entry in staged_manifest["servable_cells"]}
+    assert set(servable) == {entry["cell"] for entry in grid["cells"]}
+    assert servable["L2-D16-B1"]["bytes_per_vector"] == 2 and servable["L2-D16-B1"]["ms_per_query"] == 5
+    assert servable["L2-D16-B1"]["pareto"] == {"bytes": True, "latency": False}
+
+
+def test_sign_code_scores_are_not_listed_as_served_by_trained_heads(checkpoint, grid_dir, tmp_path):
+    grid = json.loads((grid_dir / "grid.json").read_text())
+    (grid_dir / "grid.json").write_text(json.dumps({**grid, "codes": "sign"}))
+    publish(checkpoint, "my-org/tiny-elastic", grid_dir=grid_dir, dry_run=tmp_path / "dry")
+    staged_manifest = json.loads((tmp_path / "dry" / MANIFEST_NAME).read_text())
+    assert [entry["cell"] for entry in staged_manifest["servable_cells"]] == ["L2-D16-B32", "L4-D32-B32"]
 
 
 class FakeHfApi:
@@ -288,5 +321,8 @@ def test_joint_training_writes_a_checkpoint_that_serves_every_cell(tiny_model_pa
     assert manifest["recipe"]["binary"]["bits"] == [1, 2]
     codes = load(out).at("L2-D16-B2").encode(TEXTS)
     assert codes.bits == 2 and len(codes) == len(TEXTS)
+    assert manifest["loss_class"] == "ElasticLoss" and manifest["loss_config"]["binary"]["bits"] == [1, 2]
     files = publish(out, "my-org/x", dry_run=tmp_path / "dry")
     assert "binary_heads/model.safetensors" in files and not any(f.startswith("checkpoint-") for f in files)
+    card = (tmp_path / "dry" / "README.md").read_text()
+    assert "Starbucks" in card and "Binary Embedding-based Retrieval" in card and "Jasper" not in card

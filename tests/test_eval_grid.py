@@ -97,8 +97,10 @@ def test_interrupted_grid_resumes_without_reencoding_or_rescoring(tiny, tmp_path
     with pytest.raises(KeyboardInterrupt):
         run_grid(request)
     first_pass = list(scored)
+    monkeypatch.setattr(CellSearch, "search", real_search)
+    real_evaluate = mteb.evaluate  # scoring calls, not the cost measurement's timed searches (eval.cost)
     monkeypatch.setattr(
-        CellSearch, "search", lambda self, queries, **kw: scored.append(self.cell) or real_search(self, queries, **kw)
+        mteb, "evaluate", lambda search, *a, **kw: scored.append(search.cell) or real_evaluate(search, *a, **kw)
     )
     seen = count_encodes(monkeypatch)
     results = run_grid(request)

@@ -1,9 +1,10 @@
-"""Read a BEIR-format folder: ``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``."""
+"""Read a BEIR-format folder (``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``) and write capped copies."""
 
 from __future__ import annotations
 
 import csv
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,3 +89,40 @@ def relevant_pairs(split: BeirSplit, min_score: int = 1) -> list[tuple[str, str]
         for did, score in docs.items()
         if score >= min_score and did in split.corpus
     ]
+
+
+def write_subset(
+    split: BeirSplit, split_name: str, folder: str | Path, max_queries: int | None, max_docs: int | None, seed: int
+) -> Path:
+    """Write a capped copy of ``split`` as a BEIR folder: ``max_queries`` judged queries drawn with ``seed``,
+    and every document judged for them plus random others up to ``max_docs`` (a judged document is never
+    dropped, so each kept query keeps its relevant documents). Files are replaced only when they change."""
+    generator = random.Random(seed)
+    query_ids = list(split.queries)
+    if max_queries is not None and len(query_ids) > max_queries:
+        kept = set(generator.sample(query_ids, max_queries))
+        query_ids = [qid for qid in query_ids if qid in kept]
+    qrels = {qid: split.qrels[qid] for qid in query_ids}
+    judged = {did for docs in qrels.values() for did in docs if did in split.corpus}
+    others = [did for did in split.corpus if did not in judged]
+    room = len(others) if max_docs is None else max(0, max_docs - len(judged))
+    docs = judged | set(generator.sample(others, min(room, len(others))))
+    files = {
+        "corpus.jsonl": "".join(
+            json.dumps({"_id": did, "title": "", "text": text}) + "\n"
+            for did, text in split.corpus.items()
+            if did in docs
+        ),
+        "queries.jsonl": "".join(json.dumps({"_id": qid, "text": split.queries[qid]}) + "\n" for qid in query_ids),
+        f"qrels/{split_name}.tsv": "query-id\tcorpus-id\tscore\n"
+        + "".join(f"{qid}\t{did}\t{score}\n" for qid in query_ids for did, score in qrels[qid].items() if did in docs),
+    }
+    folder = Path(folder)
+    for name, content in files.items():
+        path = folder / name
+        if not path.is_file() or path.read_text(encoding="utf-8") != content:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(".partial")
+            partial.write_text(content, encoding="utf-8")
+            partial.replace(path)
+    return folder

@@ -1,4 +1,8 @@
-"""``elastic_manifest.json``: what a multi-granularity checkpoint serves and how it was made."""
+"""``elastic_manifest.json``: what a multi-granularity checkpoint serves and how it was made.
+
+With the training loss it also records the loss's class, ``get_config_dict()`` and ``citation`` (as
+sentence-transformers' losses carry them), which the model card shows (``trainer.serve.card``).
+"""
 
 from __future__ import annotations
 
@@ -30,9 +34,9 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def build_manifest(recipe: Recipe, grid: Grid, model: SentenceTransformer) -> dict[str, Any]:
+def build_manifest(recipe: Recipe, grid: Grid, model: SentenceTransformer, loss: Any = None) -> dict[str, Any]:
     bits = sorted(set(grid.bits) | set(getattr(recipe.binary, "bits", None) or []))
-    return {
+    manifest = {
         "format_version": FORMAT_VERSION,
         "base_model": recipe.model.name,
         "num_layers": num_layers(model),
@@ -44,11 +48,18 @@ def build_manifest(recipe: Recipe, grid: Grid, model: SentenceTransformer) -> di
         "packages": package_versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if loss is not None:
+        manifest["loss_class"] = type(loss).__name__
+        manifest["loss_config"] = loss.get_config_dict()
+        manifest["citation"] = loss.citation
+    return manifest
 
 
-def write_manifest(recipe: Recipe, grid: Grid, model: SentenceTransformer, folder: Path | None = None) -> Path:
+def write_manifest(
+    recipe: Recipe, grid: Grid, model: SentenceTransformer, folder: Path | None = None, loss: Any = None
+) -> Path:
     path = Path(folder or recipe.output_dir) / MANIFEST_NAME
-    path.write_text(json.dumps(build_manifest(recipe, grid, model), indent=2, default=str) + "\n")
+    path.write_text(json.dumps(build_manifest(recipe, grid, model, loss), indent=2, default=str) + "\n")
     return path
 
 

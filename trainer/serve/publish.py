@@ -1,9 +1,9 @@
 """Publish a checkpoint to the Hugging Face Hub with a model card that shows the grid.
 
-``publish`` checks the checkpoint, stages exactly the files to upload (model, heads, manifest, grid.json,
-Pareto plot, README.md model card) and uploads them in one commit with ``HfApi.upload_folder``. The token
-comes from the usual places (``HF_TOKEN``, ``hf auth login``) through huggingface_hub and is never printed
-or written. ``dry_run`` writes the staged files to a folder and uploads nothing.
+``publish`` checks the checkpoint, stages exactly the files to upload (model, heads, manifest with the
+servable cells, grid.json, Pareto plots, README.md model card) and uploads them in one commit with
+``HfApi.upload_folder``. The token comes from the usual places (``HF_TOKEN``, ``hf auth login``) through
+huggingface_hub and is never printed or written. ``dry_run`` writes the staged files to a folder and uploads nothing.
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ from huggingface_hub import HfApi
 from safetensors import safe_open
 
 from trainer.binary.heads import HEADS_FOLDER, BinaryHeads
+from trainer.cell_vectors import code_heads
 from trainer.errors import UserError
 from trainer.grid import Cell
 from trainer.manifest import MANIFEST_NAME, read_manifest
 from trainer.serve.card import render_card
 
 SKIPPED = ("checkpoint-", "training_args.bin", "runs", "eval", "README.md")
-EVAL_FILES = ("grid.json", "pareto.png")
+PLOT_FILES = ("pareto.png", "pareto-latency.png")
 
 
 def check_checkpoint(folder: Path) -> dict[str, Any]:
@@ -78,6 +79,41 @@ def _load_grid(grid_dir: Path | None, manifest: dict[str, Any], cells: list[str]
     return grid
 
 
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def servable_cells(grid: dict[str, Any], heads: BinaryHeads | None) -> list[dict[str, Any]]:
+    """The evaluated cells this checkpoint serves as they were scored, with nDCG@10 per task, bytes per vector,
+    speed (means over tasks) and Pareto flags: every float cell, and each binary cell the checkpoint's codes
+    serve, unless the grid scored sign codes (``--codes sign``) where the checkpoint serves trained heads."""
+    tasks = [t["name"] for t in grid["tasks"]]
+    cells = []
+    for entry in grid["cells"]:
+        cell = Cell.parse(entry["cell"])
+        if not cell.is_float:
+            if grid.get("codes") == "sign" and heads is not None:
+                continue
+            try:
+                code_heads(heads, cell)
+            except UserError:
+                continue
+        costs = [entry["cost"][t] for t in tasks if t in entry.get("cost", {})]
+        measured = len(costs) == len(tasks)
+        cells.append(
+            {
+                "cell": str(cell),
+                "bits": cell.bits,
+                "bytes_per_vector": cell.bytes_per_vector,
+                "ndcg_at_10": {t: entry["scores"][t]["ndcg_at_10"] for t in tasks},
+                "ms_per_query": _mean([c["ms_per_query"] for c in costs]) if measured else None,
+                "queries_per_s": _mean([c["queries_per_s"] for c in costs]) if measured else None,
+                "pareto": entry.get("pareto", {}),
+            }
+        )
+    return cells
+
+
 def stage(checkpoint: Path, target: Path, repo_id: str, grid_dir: Path | None, cells: list[str] | None) -> list[str]:
     """Write every file to upload into ``target``; returns their relative paths."""
     manifest = check_checkpoint(checkpoint)
@@ -89,15 +125,19 @@ def stage(checkpoint: Path, target: Path, repo_id: str, grid_dir: Path | None, c
             shutil.copytree(item, target / item.name)
         else:
             shutil.copy2(item, target / item.name)
-    has_plot = False
+    plots = []
     if grid is not None:
         (target / "grid.json").write_text(json.dumps(grid, indent=2) + "\n")
-        if (grid_dir / "pareto.png").is_file():
-            shutil.copy2(grid_dir / "pareto.png", target / "pareto.png")
-            has_plot = True
-        manifest = {**manifest, "evaluation": {"grid": "grid.json", "tasks": grid["tasks"]}}
+        plots = [name for name in PLOT_FILES if (grid_dir / name).is_file()]
+        for name in plots:
+            shutil.copy2(grid_dir / name, target / name)
+        manifest = {
+            **manifest,
+            "evaluation": {"grid": "grid.json", "tasks": grid["tasks"], "machine": grid.get("machine")},
+            "servable_cells": servable_cells(grid, BinaryHeads.load(checkpoint)),
+        }
         (target / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-    (target / "README.md").write_text(render_card(repo_id, manifest, grid, has_plot))
+    (target / "README.md").write_text(render_card(repo_id, manifest, grid, plots))
     return sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
 
 

@@ -1,9 +1,10 @@
 """YAML recipes: parsed, overridden from the command line and validated before any model or data loads.
 
 A recipe has the sections ``model``, ``data``, ``loss``, ``training`` (every
-``SentenceTransformerTrainingArguments`` field) and optionally ``binary`` (recurrent binarization heads)
-and ``distill`` (teacher distillation). ``--key value`` overrides a training argument, ``--section.key
-value`` any other field; values are read as YAML (``--learning_rate 1e-4``, ``--loss.cells "[L2-D64]"``).
+``SentenceTransformerTrainingArguments`` field) and optionally ``binary`` (recurrent binarization heads),
+``distill`` (teacher distillation) and ``evaluation`` (per-cell nDCG@10 on dev sets during training).
+``--key value`` overrides a training argument, ``--section.key value`` any other field; values are read as
+YAML (``--learning_rate 1e-4``, ``--loss.cells "[L2-D64]"``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +21,11 @@ from typing import Any, Literal
 
 import yaml
 
+from trainer.beir import check_folder
 from trainer.binary.codes import check_packable
-from trainer.binary.heads import SHARING, Sharing, check_bits
+from trainer.binary.heads import SHARING, BinaryHeads, Sharing, check_bits
 from trainer.errors import UserError
-from trainer.grid import Grid, parse_cells
+from trainer.grid import FLOAT_BITS, Cell, Grid, parse_cells
 
 LOSS_TYPES = ("starbucks", "2dmse", "grid")
 OUR_TRAINING_KEYS = ("overwrite_output_dir",)
@@ -307,6 +310,134 @@ class DistillConfig:
         return student_model_id if self.teacher == SELF_TEACHER else self.teacher
 
 
+_SET_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+EVAL_METRIC = "ndcg@10"
+
+
+def cell_metric(sets: list[str], what: str) -> str:
+    """The evaluator's name of nDCG@10 of ``what`` (a cell such as ``L3-D128-B1``, or ``mean`` over cells) over
+    dev ``sets``: ``<set>_ndcg@10_<what>`` for one set, ``ndcg@10_<what>`` for the mean over several. The
+    Trainer logs it with the prefix ``eval_``."""
+    return f"{sets[0]}_{EVAL_METRIC}_{what}" if len(sets) == 1 else f"{EVAL_METRIC}_{what}"
+
+
+@dataclass
+class EvalSetConfig:
+    """One dev set of the ``evaluation:`` section: the ``split`` of a BEIR folder.
+
+    ``max_queries`` / ``max_docs`` cap its size: ``max_queries`` judged queries drawn with ``seed``, and every
+    document judged for them plus random others up to ``max_docs`` (a judged document is never dropped). The
+    capped set is written as a BEIR folder ``<output_dir>/eval/sets/<name>``, so ``python -m eval grid`` can
+    score exactly what training logged. ``name`` (default ``<folder>-<split>``) names the logged metrics.
+    """
+
+    beir: str
+    split: str = "test"
+    name: str | None = None
+    max_queries: int | None = None
+    max_docs: int | None = None
+    seed: int = 42
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{Path(self.beir).name}-{self.split}"
+
+    def check(self, key: str) -> None:
+        for name in ("max_queries", "max_docs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise UserError(f"{key}.{name}: {value!r} is not valid; give a positive integer or null")
+        if not _SET_NAME.match(self.label):
+            raise UserError(f"{key}.name: {self.label!r} is not valid; use letters, digits, '_', '.' and '-'")
+        try:
+            check_folder(self.beir, self.split)
+        except UserError as error:
+            raise UserError(f"{key}.beir: {error}") from None
+
+
+@dataclass
+class EvaluationConfig:
+    """The recipe's ``evaluation:`` section: nDCG@10 of cells during training (``eval.cell_evaluator``).
+
+    ``sets``: dev sets (``EvalSetConfig``); ``cells``: the (layer, dim) cells scored (default: the trained
+    cells and the full cell); ``bits``: their depths, 32 = float (default: float and the ``binary`` depths);
+    ``batch_size``: encoding batch size; ``primary``: a cell, or ``mean`` over the scored cells, whose metric
+    is the evaluator's ``primary_metric`` and the default ``metric_for_best_model`` with
+    ``load_best_model_at_end``. Metrics are logged as ``eval_<set>_ndcg@10_<cell>`` and
+    ``eval_<set>_ndcg@10_mean`` (``cell_metric``); ``training.metric_for_best_model`` may name any of them.
+    """
+
+    sets: list[EvalSetConfig]
+    cells: list[str] | None = None
+    bits: list[int] | None = None
+    batch_size: int = 64
+    primary: str = "mean"
+
+    def grid(self, trained: Grid, full: Cell, code_bits: Iterable[int]) -> Grid:
+        """The cells and depths to score: as configured, else the trained cells, the full cell and depths."""
+        cells = parse_cells(self.cells, key="evaluation.cells") if self.cells else sorted({*trained.cells, full})
+        return Grid(tuple(cells), tuple(sorted({*(self.bits or [FLOAT_BITS, *code_bits])})))
+
+    def primary_cell(self, grid: Grid) -> str:
+        """``mean`` or the canonical name of the configured primary cell, which must be scored."""
+        if self.primary == "mean":
+            return self.primary
+        cell = str(Cell.parse(self.primary, key="evaluation.primary"))
+        if cell not in {str(c) for c in grid.all_cells()}:
+            raise UserError(f"evaluation.primary: {cell} is not scored; use 'mean' or one of the evaluation cells")
+        return cell
+
+
+def check_evaluation(recipe: Recipe, trained: Grid, num_layers: int, embedding_dim: int) -> None:
+    """Validate the ``evaluation`` section against the model, the trained grid and the binary heads."""
+    evaluation = recipe.evaluation
+    if not evaluation.sets:
+        raise UserError("evaluation.sets: empty; list at least one dev set, e.g. {beir: ../shared/data/cranfield}")
+    for i, dev_set in enumerate(evaluation.sets):
+        dev_set.check(f"evaluation.sets[{i}]")
+    labels = [s.label for s in evaluation.sets]
+    if len(set(labels)) != len(labels):
+        raise UserError(f"evaluation.sets: names {labels} repeat; give each set its own 'name'")
+    size = evaluation.batch_size
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise UserError(f"evaluation.batch_size: {size!r} is not valid; give a positive integer")
+    if recipe.binary is not None and recipe.binary.mode == "head-only":
+        raise UserError("evaluation: head-only binary training runs no Trainer; score it with `python -m eval grid`")
+    if recipe.training.get("eval_strategy", "no") in ("no", None):
+        raise UserError("evaluation: training.eval_strategy is 'no', so it would never run; set eval_strategy: steps")
+    full = Cell(num_layers, embedding_dim)
+    try:
+        grid = evaluation.grid(trained, full, recipe.binary.bits if recipe.binary else [])
+        grid.check_fits(num_layers, embedding_dim)
+    except UserError as error:
+        raise UserError(f"evaluation.{error}") from None
+    heads = None
+    if recipe.binary is not None:  # what the trained heads will serve (their width does not matter here)
+        binary = recipe.binary
+        heads = BinaryHeads({*trained.dims, full.dim}, binary.bits, 1, binary.sharing, {*trained.layers, full.layers})
+    for cell in grid.all_cells():
+        if not cell.is_float:
+            try:
+                if heads is not None:
+                    heads.check_serves(cell)
+                else:
+                    check_packable(cell.dim)  # the parameter-free residual sign quantiser serves any depth
+            except UserError as error:
+                raise UserError(f"evaluation.cells: {cell}: {error}") from None
+    primary = cell_metric(labels, evaluation.primary_cell(grid))
+    best = recipe.training.get("metric_for_best_model")
+    if not best and recipe.training.get("load_best_model_at_end"):
+        recipe.training["metric_for_best_model"] = f"eval_{primary}"
+    elif best and f"{EVAL_METRIC}_" in str(best):
+        scopes = [[label] for label in labels] + ([labels] if len(labels) > 1 else [])
+        valid = [f"eval_{cell_metric(scope, c)}" for scope in scopes for c in [*map(str, grid.all_cells()), "mean"]]
+        if str(best) not in valid and f"eval_{best}" not in valid:
+            raise UserError(
+                f"training.metric_for_best_model: {best!r} is not logged; use e.g. {valid[0]!r} (one cell) or "
+                f"{valid[-1]!r}"
+            )
+
+
 @dataclass
 class Recipe:
     model: ModelConfig
@@ -315,6 +446,7 @@ class Recipe:
     training: dict[str, Any]
     binary: BinaryConfig | None = None
     distill: DistillConfig | None = None
+    evaluation: EvaluationConfig | None = None
     path: str = ""
 
     @property
@@ -432,16 +564,23 @@ def parse_recipe(raw: dict[str, Any], path: str = "") -> Recipe:
         binary = build_section(BinaryConfig, raw["binary"], "binary")
     if raw.get("distill") is not None:
         distill = build_section(DistillConfig, raw["distill"], "distill")
+    evaluation = None
+    if raw.get("evaluation") is not None:
+        evaluation = build_section(EvaluationConfig, raw["evaluation"], "evaluation")
+        sets = evaluation.sets if isinstance(evaluation.sets, list) else [evaluation.sets]
+        evaluation.sets = [build_section(EvalSetConfig, s, f"evaluation.sets[{i}]") for i, s in enumerate(sets)]
     if loss.contrastive_weight == 0 and distill is None and binary is None:
         raise UserError("loss.contrastive_weight: 0 leaves nothing to train; add a distill or binary section")
     label_free = [s.label for s in data.train if s.texts]
     if label_free and distill is None and (binary is None or binary.mode != "head-only"):
         raise UserError(f"data.train: {label_free} are label-free texts; they need a distill section to train on")
-    recipe = Recipe(model, data, loss, training, binary, distill, path)
+    recipe = Recipe(model, data, loss, training, binary, distill, evaluation, path)
     num_layers, embedding_dim = model_shape(model)
     grid = loss.grid(num_layers, embedding_dim)
     if binary is not None:
         binary.check_dims([*grid.dims, embedding_dim])
+    if evaluation is not None:
+        check_evaluation(recipe, grid, num_layers, embedding_dim)
     return recipe
 
 

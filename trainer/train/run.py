@@ -22,7 +22,7 @@ from trainer.grid import Cell, CellSelection, Grid
 from trainer.manifest import write_manifest
 from trainer.train.data import load_sources, text_columns
 from trainer.train.losses import ElasticLoss, InfoNCELoss, Matryoshka2dLoss
-from trainer.train.losses.binary import BinaryCodeLoss
+from trainer.train.losses.binary import BinaryCodeLoss, EmbeddingToEmbeddingLoss
 from trainer.train.losses.distill import DistillationLoss
 from trainer.train.recipe import Recipe, load_recipe
 from trainer.train.summary import log_summary, run_summary
@@ -179,8 +179,20 @@ def train(recipe: Recipe) -> SentenceTransformerTrainer:
         log_summary(run_summary(recipe, grid, loss, train_data, num_layers(model), embedding_dim(model)))
     args.learning_rate_mapping = {**loss_learning_rates(recipe, loss), **args.learning_rate_mapping}
     callback = LossStateCallback(loss)
+    evaluator = None
+    if recipe.evaluation is not None:
+        from eval.cell_evaluator import build_evaluator
+
+        with args.main_process_first(desc="evaluation sets"):
+            evaluator = build_evaluator(recipe, grid, loss.selection.full, loss.heads)
     trainer = SentenceTransformerTrainer(
-        model=model, args=args, train_dataset=train_data, eval_dataset=eval_data, loss=loss, callbacks=[callback]
+        model=model,
+        args=args,
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        loss=loss,
+        evaluator=evaluator,
+        callbacks=[callback],
     )
     if resume:
         callback.load(resume)
@@ -188,7 +200,7 @@ def train(recipe: Recipe) -> SentenceTransformerTrainer:
     trainer.save_model(str(recipe.output_dir))
     if trainer.is_world_process_zero():
         callback.save(recipe.output_dir)
-        write_manifest(recipe, grid, model)
+        write_manifest(recipe, grid, model, loss=loss)
     return trainer
 
 
@@ -229,8 +241,10 @@ def train_heads_from_recipe(recipe: Recipe, model: SentenceTransformer, grid: Gr
     log_summary(run_summary(recipe, grid, None, data, num_layers(model), embedding_dim(model)))
     recipe.output_dir.mkdir(parents=True, exist_ok=True)
     model.save(str(recipe.output_dir))
-    train_heads_only(model, texts, pairs, grid, recipe.binary, recipe.output_dir)
-    write_manifest(recipe, grid, model)
+    heads = train_heads_only(model, texts, pairs, grid, recipe.binary, recipe.output_dir)
+    binary = recipe.binary
+    loss = EmbeddingToEmbeddingLoss(heads, binary.bits, binary.scale, binary.kl_weight, binary.kl_temperature)
+    write_manifest(recipe, grid, model, loss=loss)
 
 
 def train_from_recipe(path: str, overrides: list[str] | None = None) -> SentenceTransformerTrainer:

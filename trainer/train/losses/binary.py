@@ -128,6 +128,8 @@ class EmbeddingToEmbeddingLoss(nn.Module):
     ``kl_weight``. Components are logged as ``e2e/<cell>``, ``e2epair/<cell>``, ``e2ekl/<cell>``.
     """
 
+    citation = BEBR_CITATION
+
     def __init__(
         self,
         heads: BinaryHeads,
@@ -142,6 +144,16 @@ class EmbeddingToEmbeddingLoss(nn.Module):
         self.scale = scale
         self.kl_weight = kl_weight
         self.kl_temperature = kl_temperature
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {
+            "bits": list(self.bits),
+            "hidden": self.heads.hidden,
+            "sharing": self.heads.sharing,
+            "scale": self.scale,
+            "kl_weight": self.kl_weight,
+            "kl_temperature": self.kl_temperature,
+        }
 
     def _codes(self, x: Tensor, cell: Cell) -> list[Tensor]:
         forms = self.heads.encode_float(x, cell)
