@@ -58,7 +58,7 @@ def test_grid_from_product_and_from_cells():
 
 
 def test_grid_validation_errors():
-    with pytest.raises(UserError, match="empty cell list"):
+    with pytest.raises(UserError, match="no cells given"):
         Grid.from_spec(cells=[])
     with pytest.raises(UserError, match="strictly increasing"):
         Grid.from_spec(layers=[2, 4], dims=[64, 32])
