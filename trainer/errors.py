@@ -24,7 +24,11 @@ def one_line(message: str) -> str:
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """``argparse`` whose usage errors (unknown flag, missing or ill-typed value) are the same one line."""
+    """``argparse`` whose usage errors (unknown flag, missing or ill-typed value) are the same one line; a
+    flag must be spelt out (``--bit`` is not taken for ``--bits``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str):
         print(f"error: {one_line(message)} (see {self.prog} --help)", file=sys.stderr)

@@ -196,7 +196,7 @@ def _number(value: Any, text: str | None, hint: type, key: str) -> int | float:
 
 def _typed_list(value: Any, text: str | None, item_type: Any, key: str) -> list:
     if text is not None:
-        if text.startswith("["):
+        if text.startswith(("[", "{")):
             value = _flow(text, key)
         else:
             value = [Plain(part.strip()) for part in text.split(",") if part.strip()]
@@ -226,6 +226,8 @@ def _typed_union(value: Any, hint: Any, key: str) -> Any:
     for member in members:
         if member is str or (isinstance(value, str) and not _looks_like(value.strip(), member)):
             continue
+        if isinstance(value, str) and (get_origin(member) or member) in (list, dict):
+            return typed_value(value, member, key)  # text written as [...] or {...} is meant as one
         try:
             return typed_value(value, member, key)
         except UserError:
