@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -398,3 +400,30 @@ def test_good_recipe_and_typed_values_pass_the_same_checks(workspace, forked, tm
     assert code == 0, stderr
     assert (workspace / "runs" / "0123" / "model.safetensors").is_file()
     shutil.rmtree(workspace / "runs")
+
+
+def test_ctrl_c_during_evaluation_is_one_line_saying_how_to_resume_and_exit_130(tiny_model_path, tmp_path):
+    beir = write_beir(tmp_path / "beir", docs=2000)
+    stderr_path = tmp_path / "stderr.txt"
+    command = [sys.executable, "-m", "eval", "grid", "--model", str(tiny_model_path), "--tasks", f"{beir}:test"]
+    command += ["--output", str(tmp_path / "out"), "--batch-size", "1", "--layers", "1", "--dims", "8", "--bits", "32"]
+    with stderr_path.open("w") as stderr:
+        process = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a terminal would start it
+        )
+        deadline = time.monotonic() + 300
+        while "Encoding" not in stderr_path.read_text() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        process.send_signal(signal.SIGINT)
+        code = process.wait(timeout=120)
+    text = stderr_path.read_text()
+    lines = [line for line in text.replace("\r", "\n").splitlines() if line.strip()]
+    assert code == 130 and "Traceback" not in text, text
+    assert lines[-1] == (
+        "interrupted: every cell scored so far is kept in the output folder; rerun the same command to resume"
+    )
