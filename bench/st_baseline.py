@@ -16,8 +16,9 @@ from datasets import DatasetDict
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from sentence_transformers.sentence_transformer.losses import Matryoshka2dLoss, MultipleNegativesRankingLoss
 
+from trainer.serve.checkpoint import model_shape
 from trainer.train.data import load_sources
-from trainer.train.recipe import load_recipe, model_shape
+from trainer.train.recipe import load_recipe
 
 TRAINING_KEYS = ("max_steps", "per_device_train_batch_size", "learning_rate", "warmup_steps", "batch_sampler", "seed")
 
@@ -32,7 +33,8 @@ def main() -> None:
     data = load_sources(pairs)
     model = SentenceTransformer(recipe.model.name)
     model.max_seq_length = recipe.model.max_seq_length or model.max_seq_length
-    dims = sorted({*recipe.loss.grid(*model_shape(recipe.model)).dims, model.get_embedding_dimension()}, reverse=True)
+    grid = recipe.loss.grid(*model_shape(recipe.model.name, recipe.model.revision))
+    dims = sorted({*grid.dims, model.get_embedding_dimension()}, reverse=True)
     loss = Matryoshka2dLoss(model, MultipleNegativesRankingLoss(model), dims)
     training = {key: recipe.training[key] for key in TRAINING_KEYS if key in recipe.training}
     trainer_args = SentenceTransformerTrainingArguments(

@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import argparse
 
-from trainer.errors import UserError, run_cli
+from trainer.errors import OneLineParser, UserError, run_cli
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__)
+    parser = OneLineParser(prog="python -m eval", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     grid = commands.add_parser("grid", help="MTEB retrieval scores of every layer x dim x bits cell")
     grid.add_argument("--config", help="YAML file with the same keys as these flags; flags override it")
     grid.add_argument("--model", help="checkpoint directory or sentence-transformers hub id")
     grid.add_argument("--tasks", nargs="+", help="mteb retrieval task names or BEIR folders, each NAME[:SPLIT]")
-    grid.add_argument("--cells", nargs="+", help="explicit (layer, dim) cells, e.g. L3-D128 L6-D384")
+    grid.add_argument(
+        "--cells",
+        nargs="+",
+        help="explicit cells: L3-D128 L6-D384 (each at every --bits depth) or L6-D384-B1,L2-D64 (exactly as listed)",
+    )
     grid.add_argument("--layers", nargs="+", type=int, help="layer counts (with --dims); default: all")
     grid.add_argument("--dims", nargs="+", type=int, help="dims kept (with --layers); default: 32, 64, ..., D")
     grid.add_argument("--bits", nargs="+", type=int, help="bit depths, 32 = float; default: 32 1")
@@ -53,18 +57,25 @@ def run_pick(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    """Check every setting (tasks and their data, model folder, cells, numbers, output folder), then load the
+    model and score the grid."""
     from eval.config import KEYS, build_request, load_config, merge
     from eval.plots import write_plots
     from eval.report import write_reports
     from eval.runner import load_model, run_grid
-    from trainer.cell_vectors import embedding_dim, num_layers
+    from eval.tasks import resolve_task
+    from trainer.serve.checkpoint import model_shape, resolve_model
 
     config = load_config(args.config) if args.config else {}
     settings = merge(config, {key: getattr(args, key) for key in KEYS})
-    if not settings.get("model"):
-        raise UserError("model: missing; give --model or 'model:' in the config")
-    model = load_model(str(settings["model"]))
-    request = build_request(settings, num_layers(model), embedding_dim(model))
+    for key in ("model", "tasks"):
+        if not settings.get(key):
+            raise UserError(f"{key}: missing; give --{key} or '{key}:' in the config")
+    for spec in settings["tasks"]:
+        resolve_task(spec)
+    folder = resolve_model(str(settings["model"]))
+    request = build_request(settings, *model_shape(str(folder)))
+    model = load_model(request.model)
     results = run_grid(request, model)
     written = write_reports(results, request.output) + write_plots(results, request.output)
     print(

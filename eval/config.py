@@ -2,7 +2,9 @@
 
 YAML keys are the flag names with underscores: model, tasks, cells, layers, dims, bits, rescore, output,
 batch_size, overwrite. Without cells or layers/dims the grid is every layer x the dims
-``32, 64, 128, ... < D`` plus ``D``; without bits it is float and 1-bit codes (B32, B1).
+``32, 64, 128, ... < D`` plus ``D``; without bits it is float and 1-bit codes (B32, B1). Cells listed with
+their bits (``L6-D384-B1 L2-D64``) are scored exactly as listed. Config values get the types of
+``KEY_TYPES`` (``trainer.settings``); everything is checked before the model loads.
 """
 
 from __future__ import annotations
@@ -10,40 +12,42 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from eval.runner import CODE_SOURCES, GridRequest
 from trainer.errors import UserError
 from trainer.grid import FLOAT_BITS, Grid
+from trainer.outputs import check_writable_folder
+from trainer.settings import did_you_mean, read_yaml, typed_value
 
-KEYS = (
-    "model",
-    "tasks",
-    "cells",
-    "layers",
-    "dims",
-    "bits",
-    "rescore",
-    "codes",
-    "output",
-    "batch_size",
-    "overwrite",
-    "max_seq_length",
-)
+KEY_TYPES = {
+    "model": str | None,
+    "tasks": list[str] | None,
+    "cells": list[str] | None,
+    "layers": list[int] | None,
+    "dims": list[int] | None,
+    "bits": list[int] | None,
+    "rescore": int | None,
+    "codes": str | None,
+    "output": str | None,
+    "batch_size": int | None,
+    "overwrite": bool | None,
+    "max_seq_length": int | None,
+}
+KEYS = tuple(KEY_TYPES)
 DEFAULT_BITS = (FLOAT_BITS, 1)
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
+    """The config file's settings, each typed by ``KEY_TYPES``."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"config: {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raise UserError(f"--config: {str(path)!r} does not exist")
+    data = read_yaml(path, key="--config") or {}
     if not isinstance(data, dict):
-        raise UserError(f"config: {path} must be a mapping of keys {list(KEYS)}")
-    unknown = sorted(set(data) - set(KEYS))
-    if unknown:
-        raise UserError(f"config: {path} has unknown keys {unknown}; valid keys: {list(KEYS)}")
-    return data
+        raise UserError(f"--config: {path} must be a mapping of keys {list(KEYS)}")
+    for key in data:
+        if key not in KEY_TYPES:
+            raise UserError(f"{path}: {key}: unknown key{did_you_mean(str(key), list(KEYS))}; valid keys: {list(KEYS)}")
+    return {key: typed_value(value, KEY_TYPES[key], f"{path}: {key}") for key, value in data.items()}
 
 
 def merge(config: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
@@ -73,7 +77,8 @@ def _codes(value: Any) -> str:
 
 
 def build_request(settings: dict[str, Any], num_layers: int, embedding_dim: int) -> GridRequest:
-    """The request of merged settings; ``num_layers`` / ``embedding_dim`` fill the default grid."""
+    """The checked request of merged settings; ``num_layers`` / ``embedding_dim`` fill the default grid and
+    bound its cells. The output folder must be writable."""
     for key in ("model", "tasks"):
         if not settings.get(key):
             raise UserError(f"{key}: missing; give --{key} or '{key}:' in the config")
@@ -83,11 +88,16 @@ def build_request(settings: dict[str, Any], num_layers: int, embedding_dim: int)
     if cells is None:
         layers = layers if layers is not None else list(range(1, num_layers + 1))
         dims = dims if dims is not None else default_dims(embedding_dim)
-    grid = Grid.from_spec(cells=cells, layers=layers, dims=dims, bits=settings.get("bits") or DEFAULT_BITS)
+    grid = Grid.from_spec(cells=cells, layers=layers, dims=dims, bits=settings.get("bits"), default_bits=DEFAULT_BITS)
+    grid.check_fits(num_layers, embedding_dim)
     rescore = int(settings.get("rescore") or 0)
     if rescore < 0:
         raise UserError(f"rescore: must be >= 0 (0 = off), got {rescore}")
+    for key in ("batch_size", "max_seq_length"):
+        if settings.get(key) is not None and settings[key] < 1:
+            raise UserError(f"{key}: {settings[key]} is not valid; give an integer >= 1")
     output = Path(settings.get("output") or Path("results") / model_slug(str(settings["model"])))
+    check_writable_folder(output, key="output")
     return GridRequest(
         model=str(settings["model"]),
         tasks=tasks,

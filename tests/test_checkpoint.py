@@ -276,7 +276,7 @@ def test_upload_uses_one_commit_and_never_shows_the_token(checkpoint, grid_dir, 
     ("damage", "message"),
     [
         (lambda f: (f / MANIFEST_NAME).unlink(), "has no elastic_manifest.json"),
-        (lambda f: (f / "model.safetensors").unlink(), "has no model.safetensors"),
+        (lambda f: (f / "model.safetensors").unlink(), "has no model weights"),
         (lambda f: (f / "model.safetensors").write_bytes(b"not safetensors"), "not a readable safetensors"),
         (lambda f: shutil.rmtree(f / "binary_heads"), r"lists bit depths \[1, 2\] but .*binary_heads is missing"),
     ],

@@ -183,6 +183,26 @@ def test_cli_writes_results_table_and_plots_from_yaml_config(tiny, tmp_path, cap
     assert "0 cells scored, 12 reused" in capsys.readouterr().out
 
 
+def test_cells_typed_with_their_bits_are_scored_exactly_as_listed(tiny, tmp_path):
+    checkpoint, beir = tiny
+    out = tmp_path / "out"
+    main(
+        [
+            "grid",
+            "--model",
+            str(checkpoint),
+            "--tasks",
+            f"{beir}:test",
+            "--cells",
+            "L3-D16-B1,L1-D8",
+            "--output",
+            str(out),
+        ]
+    )
+    grid = json.loads((out / "grid.json").read_text())
+    assert [entry["cell"] for entry in grid["cells"]] == ["L3-D16-B1", "L1-D8-B32"]
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

@@ -58,7 +58,7 @@ def test_grid_from_product_and_from_cells():
 
 
 def test_grid_validation_errors():
-    with pytest.raises(UserError, match="empty cell list"):
+    with pytest.raises(UserError, match="no cells given"):
         Grid.from_spec(cells=[])
     with pytest.raises(UserError, match="strictly increasing"):
         Grid.from_spec(layers=[2, 4], dims=[64, 32])
@@ -68,3 +68,21 @@ def test_grid_validation_errors():
         Grid.from_spec(cells=["L2-D32"], layers=[2], dims=[32])
     with pytest.raises(UserError, match="dims"):
         Grid.from_spec(cells=["L2-D64", "L4-D32"]).check_nested()
+
+
+def test_cells_listed_with_bits_are_used_exactly_as_listed():
+    for typed in (["L6-D384-B1", "L2-D64"], ["L6-D384-B1,L2-D64"], "L6-D384-B1, L2-D64", "[L6-D384-B1 L2-D64]"):
+        grid = Grid.from_spec(cells=typed, default_bits=[32, 1])
+        assert grid.all_cells() == [Cell(6, 384, 1), Cell(2, 64)]
+        assert grid.cells == (Cell(6, 384), Cell(2, 64)) and grid.bits == (1, 32)
+    assert Grid.from_spec(cells=["L2-D64-B1", "L2-D64-B32"]).all_cells() == [Cell(2, 64, 1), Cell(2, 64)]
+    with pytest.raises(UserError, match="name their bits .* cannot also be given"):
+        Grid.from_spec(cells=["L6-D384-B1", "L2-D64"], bits=[1])
+    with pytest.raises(UserError, match="duplicate"):
+        Grid.from_spec(cells="L2-D64-B1,l2-d64-b1")
+
+
+def test_cells_without_bits_take_every_depth():
+    grid = Grid.from_spec(cells="L2-D64,L6-D384", default_bits=[32, 1])
+    assert grid.all_cells() == [Cell(2, 64, 1), Cell(2, 64), Cell(6, 384, 1), Cell(6, 384)]
+    assert Grid.from_spec(cells=["L2-D64"], bits=[4]).all_cells() == [Cell(2, 64, 4)]

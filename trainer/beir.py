@@ -1,10 +1,16 @@
-"""Read a BEIR-format folder (``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``) and write capped copies."""
+"""Read a BEIR-format folder (``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``) and write capped copies.
+
+A broken file is a ``UserError`` naming the file and the 1-based line: text that is not UTF-8, a line that
+is not a JSON object, a record without ``_id`` (or a query without ``text``), a qrels row without three
+columns or with a score that is not a number.
+"""
 
 from __future__ import annotations
 
-import csv
+import difflib
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,19 +31,44 @@ class BeirSplit:
 
 def document_text(doc: dict) -> str:
     """BEIR convention: the title, a space, then the text (title omitted when empty)."""
-    title, text = (doc.get("title") or "").strip(), (doc.get("text") or "").strip()
+    title, text = str(doc.get("title") or "").strip(), str(doc.get("text") or "").strip()
     return f"{title} {text}".strip() if title else text
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+def read_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) of every non-blank line of a UTF-8 file."""
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise UserError(f"{path}:{number}: not UTF-8 text (byte {error.start + 1} of the line)") from None
+            if line.strip():
+                yield number, line
+
+
+def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> Iterator[dict]:
+    """The JSON objects of a jsonl file, each with the keys ``required``."""
+    for number, line in read_lines(path):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}:{number}: expected a JSON object per line, got {type(record).__name__}")
+        missing = [key for key in required if key not in record]
+        if missing:
+            raise UserError(f"{path}:{number}: the record has no {', '.join(missing)}; BEIR records need {required}")
+        yield record
 
 
 def check_folder(folder: str | Path, split: str | None = None) -> Path:
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"BEIR folder {str(folder)!r} does not exist. {SHARED_DATA_HINT}")
+        siblings = [p.name for p in folder.parent.iterdir() if p.is_dir()] if folder.parent.is_dir() else []
+        close = difflib.get_close_matches(folder.name, siblings, n=1)
+        hint = f"did you mean {str(folder.parent / close[0])!r}? " if close else ""
+        raise UserError(f"BEIR folder {str(folder)!r} does not exist; {hint}{SHARED_DATA_HINT}")
     for name in ("corpus.jsonl", "queries.jsonl"):
         if not (folder / name).is_file():
             raise UserError(f"BEIR folder {str(folder)!r} has no {name}")
@@ -49,23 +80,30 @@ def check_folder(folder: str | Path, split: str | None = None) -> Path:
 
 def read_qrels(path: Path) -> dict[str, dict[str, int]]:
     qrels: dict[str, dict[str, int]] = {}
-    with path.open(encoding="utf-8") as handle:
-        reader = csv.reader(handle, delimiter="\t")
-        header = next(reader, None)
-        if header is None or [h.strip() for h in header[:2]] != ["query-id", "corpus-id"]:
-            raise UserError(f"{path}: expected a header 'query-id<TAB>corpus-id<TAB>score'")
-        for row in reader:
-            if len(row) >= 3:
-                qrels.setdefault(row[0], {})[row[1]] = int(float(row[2]))
+    lines = read_lines(path)
+    _, header = next(lines, (1, ""))
+    if [h.strip() for h in header.split("\t")[:2]] != ["query-id", "corpus-id"]:
+        raise UserError(f"{path}:1: expected a header 'query-id<TAB>corpus-id<TAB>score'")
+    for number, line in lines:
+        row = line.rstrip("\r\n").split("\t")
+        if len(row) < 3:
+            raise UserError(f"{path}:{number}: expected query-id<TAB>corpus-id<TAB>score, got {line.strip()!r}")
+        try:
+            score = int(float(row[2]))
+        except (ValueError, OverflowError):
+            raise UserError(f"{path}:{number}: score {row[2]!r} is not a number") from None
+        qrels.setdefault(row[0], {})[row[1]] = score
     return qrels
 
 
 def load_corpus(folder: str | Path) -> dict[str, str]:
-    return {str(d["_id"]): document_text(d) for d in _read_jsonl(check_folder(folder) / "corpus.jsonl")}
+    path = check_folder(folder) / "corpus.jsonl"
+    return {str(d["_id"]): document_text(d) for d in read_jsonl(path, required=("_id",))}
 
 
 def load_queries(folder: str | Path) -> dict[str, str]:
-    return {str(q["_id"]): q["text"] for q in _read_jsonl(check_folder(folder) / "queries.jsonl")}
+    path = check_folder(folder) / "queries.jsonl"
+    return {str(q["_id"]): str(q["text"]) for q in read_jsonl(path, required=("_id", "text"))}
 
 
 def load_split(folder: str | Path, split: str) -> BeirSplit:

@@ -5,24 +5,26 @@ from __future__ import annotations
 import argparse
 import logging
 
-from trainer.errors import run_cli
+from trainer.errors import OneLineParser, run_cli
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
+    parser = OneLineParser(prog="python -m trainer", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="fine-tune from a YAML recipe; extra --key value pairs override it")
     train.add_argument("recipe", help="path to a YAML recipe, e.g. configs/demo.yaml")
     export = commands.add_parser("export", help="write one cell as a standalone sentence-transformers model")
     export.add_argument("checkpoint", help="checkpoint folder or hub id")
-    export.add_argument("--cell", required=True, help="the cell, e.g. L4-D128-B1 (B32 = float)")
+    export.add_argument("--cell", required=True, help="the cell, e.g. L4-D128-B1 (B32 or no -B = float)")
     export.add_argument("--out", required=True, help="new folder for the exported model")
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     publish = commands.add_parser("publish", help="upload a checkpoint and its grid model card to the Hub")
     publish.add_argument("checkpoint", help="checkpoint folder written by `train`")
     publish.add_argument("--repo-id", required=True, help="Hub repository, e.g. my-org/minilm-elastic")
     publish.add_argument("--private", action="store_true", help="create the repository as private")
-    publish.add_argument("--cells", nargs="+", help="only these evaluated cells in the card (default: all)")
+    publish.add_argument(
+        "--cells", nargs="+", help="only these evaluated cells in the card, e.g. L6-D384-B1,L2-D64 (default: all)"
+    )
     publish.add_argument("--grid", help="evaluation folder with grid.json and pareto.png (default <ckpt>/eval)")
     publish.add_argument(
         "--dry-run", metavar="DIR", help="write the files that would be uploaded to DIR; upload nothing"

@@ -8,6 +8,7 @@ Ctrl-C prints one line saying what was kept and how to resume, and exits with 13
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 
@@ -20,6 +21,18 @@ class UserError(ValueError):
 
 def one_line(message: str) -> str:
     return " ".join(str(message).split())
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """``argparse`` whose usage errors (unknown flag, missing or ill-typed value) are the same one line; a
+    flag must be spelt out (``--bit`` is not taken for ``--bits``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str):
+        print(f"error: {one_line(message)} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def run_cli(command: Callable[[], None], on_interrupt: str = "interrupted; nothing was lost") -> None:

@@ -98,42 +98,59 @@ def _strictly_increasing(values: Sequence[int], key: str) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class Grid:
-    """The (layer, dim) cells a run trains or evaluates, and the bit depths of its codes (B32 = float only)."""
+    """The (layer, dim) cells a run trains or evaluates and the bit depths of their codes (B32 = float only).
+
+    Every cell is used at every depth of ``bits``, unless the cells were listed with their bits
+    (``L6-D384-B1 L2-D64``): then ``listed`` holds exactly those cells (one without ``-B`` is float).
+    """
 
     cells: tuple[Cell, ...]
     bits: tuple[int, ...] = (FLOAT_BITS,)
+    listed: tuple[Cell, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.cells:
             raise UserError("cells: empty cell list; give at least one cell, e.g. [L6-D384]")
         if len(set(self.cells)) != len(self.cells):
             raise UserError(f"cells: duplicate cells in {[str(c) for c in self.cells]}")
-        if any(not c.is_float for c in self.cells):
-            raise UserError("cells: list (layer, dim) cells as L<layers>-D<dims>; give bit depths under 'bits'")
+        if len(set(self.listed)) != len(self.listed):
+            raise UserError(f"cells: duplicate cells in {[str(c) for c in self.listed]}")
         for b in self.bits:
             Cell(1, 1, b)  # validates the depth
 
     @classmethod
     def from_spec(
         cls,
-        cells: Iterable[str | Sequence[int]] | None = None,
+        cells: str | Iterable[str | Sequence[int] | Cell] | None = None,
         layers: Sequence[int] | None = None,
         dims: Sequence[int] | None = None,
         bits: Sequence[int] | None = None,
+        default_bits: Sequence[int] = (FLOAT_BITS,),
     ) -> Grid:
-        """Either an explicit cell list (``"L4-D128"`` or ``[4, 128]``) or the product ``layers x dims``."""
+        """Either an explicit cell list (any form ``parse_cells`` reads) or the product ``layers x dims``, at
+        the depths ``bits`` (``default_bits`` when not given). Cells listed with their bits are used as listed."""
         if cells is not None and (layers is not None or dims is not None):
             raise UserError("cells: give either 'cells' or 'layers' and 'dims', not both")
         if cells is not None:
-            parsed = tuple(_cell_from_item(item) for item in cells)
+            parsed = _parse_cells(cells, "cells")
+            if any(bits_given for _, bits_given in parsed):
+                if bits:
+                    raise UserError(
+                        "cells: the cells name their bits (e.g. L6-D384-B1), so 'bits' cannot also be given; "
+                        "write every cell with its bits, or list L<layers>-D<dims> cells and give 'bits'"
+                    )
+                listed = tuple(cell for cell, _ in parsed)
+                planes = tuple(dict.fromkeys(cell.with_bits(FLOAT_BITS) for cell in listed))
+                return cls(planes, tuple(sorted({cell.bits for cell in listed})), listed)
+            planar = tuple(cell for cell, _ in parsed)
         elif layers is not None and dims is not None:
             layers = _strictly_increasing(layers, "layers")
             dims = _strictly_increasing(dims, "dims")
-            parsed = tuple(Cell(layer, dim) for layer in layers for dim in dims)
+            planar = tuple(Cell(layer, dim) for layer in layers for dim in dims)
         else:
             raise UserError("cells: no cells given; set 'cells' (e.g. [L2-D32, L6-D384]) or both 'layers' and 'dims'")
-        bit_depths = tuple(sorted(set(int(b) for b in bits))) if bits else (FLOAT_BITS,)
-        return cls(parsed, bit_depths)
+        bit_depths = tuple(sorted(set(int(b) for b in bits or default_bits)))
+        return cls(planar, bit_depths)
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -155,7 +172,7 @@ class Grid:
 
     def all_cells(self) -> list[Cell]:
         """Every (layer, dim, bits) cell of the grid."""
-        return [c.with_bits(b) for c in self.cells for b in self.bits]
+        return list(self.listed) or [c.with_bits(b) for c in self.cells for b in self.bits]
 
     def check_nested(self) -> None:
         """Starbucks-style lists: both layers and dims strictly increase along the list."""
@@ -170,27 +187,27 @@ class Grid:
 def parse_cells(items: str | Iterable[str | Sequence[int] | Cell], key: str = "cells") -> list[Cell]:
     """Cells in every form a user types: ``"L2-D64, L6-D384-B1"``, ``"[L2-D64 L6-D384]"``, a list of such
     strings (``--cells L2-D64,L6-D384 L1-D32``), ``Cell`` objects or ``[layers, dim]`` pairs."""
+    return [cell for cell, _ in _parse_cells(items, key)]
+
+
+def _parse_cells(items: str | Iterable[str | Sequence[int] | Cell], key: str) -> list[tuple[Cell, bool]]:
+    """``parse_cells``, each cell with whether its bits were given (``-B<bits>`` or a ``Cell``)."""
     if isinstance(items, (str, Cell)):
         items = [items]
     cells = []
     for item in items:
         if isinstance(item, Cell):
-            cells.append(item)
+            cells.append((item, True))
         elif isinstance(item, str):
             words = item.replace(",", " ").replace("[", " ").replace("]", " ").split()
-            cells += [Cell.parse(word, key=key) for word in words]
+            cells += [(Cell.parse(word, key=key), "-B" in word.upper()) for word in words]
         elif isinstance(item, Sequence) and len(item) == 2 and all(isinstance(v, int) for v in item):
-            cells.append(Cell(int(item[0]), int(item[1])))
+            cells.append((Cell(int(item[0]), int(item[1])), False))
         else:
             raise UserError(f"{key}: {item!r} is not a cell; use the form L4-D128 (or L4-D128-B1, or [4, 128])")
     if not cells:
         raise UserError(f"{key}: no cells given; e.g. L2-D64, L6-D384")
     return cells
-
-
-def _cell_from_item(item: str | Sequence[int] | Cell) -> Cell:
-    (cell,) = parse_cells([item])
-    return cell
 
 
 SelectionMode = Literal["starbucks", "2dmse", "grid"]

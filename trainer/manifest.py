@@ -16,6 +16,7 @@ from typing import Any
 from sentence_transformers import SentenceTransformer
 
 from trainer.cell_vectors import embedding_dim, num_layers
+from trainer.errors import UserError
 from trainer.grid import Grid
 from trainer.train.recipe import Recipe
 
@@ -65,4 +66,12 @@ def write_manifest(
 
 def read_manifest(folder: str | Path) -> dict[str, Any] | None:
     path = Path(folder) / MANIFEST_NAME
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise UserError(f"checkpoint: {path} is not valid JSON ({error})") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"checkpoint: {path} is not a manifest (expected a JSON object)")
+    return manifest

@@ -26,6 +26,12 @@ def check_model_folder(folder: str | Path, key: str = "model") -> Path:
         raise UserError(f"{key}: {str(folder)!r} is a file, not a model folder")
     if not (folder / "config.json").is_file() and not (folder / "modules.json").is_file():
         raise UserError(f"{key}: {folder} has no config.json or modules.json; it is not a sentence-transformers model")
+    for name in ("config.json", "modules.json"):
+        if (folder / name).is_file():
+            try:
+                json.loads((folder / name).read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as error:
+                raise UserError(f"{key}: {folder / name} is not valid JSON ({error})") from None
     weights = folder / "model.safetensors"
     if weights.is_file():
         try:
@@ -68,3 +74,48 @@ def resolve_model(name: str, key: str = "model", revision: str | None = None) ->
             "`make models` or give a checkpoint folder"
         ) from None
     return check_model_folder(snapshot, key)
+
+
+def _model_json(name: str, filename: str, revision: str | None, key: str) -> dict | list | None:
+    """A JSON file of a local model folder or hub repo (only that file is fetched); None when there is none."""
+    local = Path(name)
+    if local.is_dir():
+        path = local / filename
+        if not path.is_file():
+            return None
+    else:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+        try:
+            path = Path(hf_hub_download(name, filename, revision=revision))
+        except EntryNotFoundError as error:  # LocalEntryNotFoundError (offline, not cached) is a subclass
+            if isinstance(error, LocalEntryNotFoundError) and filename == "config.json":
+                raise _unreadable(name, error, key) from None
+            return None
+        except (ValueError, OSError) as error:  # bad repo id, repository not found, network
+            raise _unreadable(name, error, key) from None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise UserError(f"{key}: {path} is not valid JSON ({error})") from None
+
+
+def _unreadable(name: str, error: Exception, key: str) -> UserError:
+    return UserError(
+        f"{key}: cannot read config.json of {name!r} ({type(error).__name__}); offline, run `make models` "
+        "or give a local sentence-transformers folder"
+    )
+
+
+def model_shape(name: str, revision: str | None = None, key: str = "model") -> tuple[int, int]:
+    """(transformer layers, sentence-embedding dim) from the model's config files, without loading weights."""
+    config = _model_json(name, "config.json", revision, key)
+    if not isinstance(config, dict) or "num_hidden_layers" not in config:
+        raise UserError(f"{key}: {name!r} has no config.json with num_hidden_layers")
+    dim = config.get("hidden_size")
+    for module in _model_json(name, "modules.json", revision, key) or []:
+        if module.get("type", "").endswith("Dense"):
+            dense = _model_json(name, f"{module['path']}/config.json", revision, key) or {}
+            dim = dense.get("out_features", dim)
+    return int(config["num_hidden_layers"]), int(dim)

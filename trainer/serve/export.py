@@ -12,7 +12,6 @@ code score), which needs ``trust_remote_code=True``.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -25,6 +24,8 @@ from trainer.binary.module import BinaryCodeHead
 from trainer.cell_vectors import code_heads, embedding_dim, keep_layers
 from trainer.errors import UserError
 from trainer.grid import Cell
+from trainer.outputs import check_writable_folder
+from trainer.serve.checkpoint import model_shape, resolve_model
 from trainer.serve.model import load
 
 EXPORT_INFO = "elastic_cell.json"
@@ -38,21 +39,19 @@ def prefix_modules(width: int, dim: int) -> list[nn.Module]:
 
 def check_output_folder(out: Path, overwrite: bool, key: str = "--out") -> None:
     """Refuse a file, a non-empty folder (unless ``overwrite``) or a folder that cannot be written."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{key}: {str(out)!r} is a file; give a folder path")
+    check_writable_folder(out, key)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{key}: {str(out)!r} is not empty; choose a new folder or pass --overwrite")
-    parent = out if out.is_dir() else next((p for p in out.parents if p.exists()), Path("."))
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"{key}: {str(parent)!r} is not writable")
 
 
 def export_cell(checkpoint: str | Path, cell: str | Cell, out: str | Path, overwrite: bool = False) -> Path:
     out = Path(out)
     cell = Cell.parse(cell, key="--cell")
     check_output_folder(out, overwrite)
+    folder = resolve_model(str(checkpoint), key="checkpoint")
+    cell.check_fits(*model_shape(str(folder), key="checkpoint"), key="--cell")
     steps = tqdm(total=3, desc=f"Exporting {cell}", unit="step")
-    elastic = load(checkpoint)
+    elastic = load(folder)
     cell = elastic.check_cell(cell)
     steps.update()
     model = elastic.model

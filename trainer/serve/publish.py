@@ -15,35 +15,42 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import HfApi
-from safetensors import safe_open
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from trainer.binary.heads import HEADS_FOLDER, BinaryHeads
 from trainer.cell_vectors import code_heads
 from trainer.errors import UserError
-from trainer.grid import Cell
+from trainer.grid import Cell, parse_cells
 from trainer.manifest import MANIFEST_NAME, read_manifest
+from trainer.outputs import check_writable_folder
 from trainer.serve.card import render_card
+from trainer.serve.checkpoint import check_model_folder
 
 SKIPPED = ("checkpoint-", "training_args.bin", "runs", "eval", "README.md")
 PLOT_FILES = ("pareto.png", "pareto-latency.png")
 
 
+def check_repo_id(repo_id: str) -> str:
+    """``namespace/name`` by the Hub's own naming rules (``huggingface_hub.utils.validate_repo_id``)."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise UserError(f"--repo-id: {repo_id!r} is not a valid Hub repository id: {error}") from None
+    if repo_id.count("/") != 1:
+        raise UserError(f"--repo-id: {repo_id!r} has no namespace; give namespace/name, e.g. my-org/minilm-elastic")
+    return repo_id
+
+
 def check_checkpoint(folder: Path) -> dict[str, Any]:
     """The manifest, once the folder is shown to be a complete, consistent checkpoint."""
-    if not folder.is_dir():
-        raise UserError(f"checkpoint: {str(folder)!r} is not a folder")
+    check_model_folder(folder, key="checkpoint")
     manifest = read_manifest(folder)
     if manifest is None:
         raise UserError(f"checkpoint: {folder} has no {MANIFEST_NAME}; publish a folder written by `trainer train`")
     weights = folder / "model.safetensors"
     if not weights.is_file():
         raise UserError(f"checkpoint: {folder} has no model.safetensors")
-    try:
-        with safe_open(str(weights), "pt") as handle:
-            handle.keys()
-    except Exception as error:  # safetensors raises several types for truncated or foreign files
-        raise UserError(f"checkpoint: {weights} is not a readable safetensors file ({error})") from None
-    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    config = _read_json(folder / "config.json", "checkpoint") if (folder / "config.json").is_file() else {}
     if config.get("num_hidden_layers") != manifest.get("num_layers"):
         raise UserError(
             f"checkpoint: manifest says {manifest.get('num_layers')} layers, config.json says "
@@ -58,20 +65,29 @@ def check_checkpoint(folder: Path) -> dict[str, Any]:
     return manifest
 
 
+def _read_json(path: Path, key: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise UserError(f"{key}: {path} is not valid JSON ({error})") from None
+
+
 def _load_grid(grid_dir: Path | None, manifest: dict[str, Any], cells: list[str] | None) -> dict[str, Any] | None:
     if grid_dir is None:
         return None
     path = grid_dir / "grid.json"
     if not path.is_file():
         raise UserError(f"--grid: {grid_dir} has no grid.json; run `python -m eval grid --model <checkpoint>`")
-    grid = json.loads(path.read_text())
+    grid = _read_json(path, "--grid")
+    if not isinstance(grid, dict) or not isinstance(grid.get("cells"), list) or "tasks" not in grid:
+        raise UserError(f"--grid: {path} is not a grid.json written by `python -m eval grid`")
     for entry in grid["cells"]:
         try:
             Cell.parse(entry["cell"]).check_fits(manifest["num_layers"], manifest["embedding_dim"])
-        except ValueError as error:
-            raise UserError(f"--grid: grid.json does not belong to this checkpoint: {error}") from None
+        except (KeyError, TypeError, UserError) as error:
+            raise UserError(f"--grid: {path} does not belong to this checkpoint: {error}") from None
     if cells:
-        wanted = {str(Cell.parse(c, key="--cells")) for c in cells}
+        wanted = {str(cell) for cell in parse_cells(cells, key="--cells")}
         missing = wanted - {entry["cell"] for entry in grid["cells"]}
         if missing:
             raise UserError(f"--cells: {sorted(missing)} were not evaluated in {path}")
@@ -150,14 +166,17 @@ def publish(
     dry_run: str | Path | None = None,
 ) -> list[str]:
     """Stage and upload (or, with ``dry_run``, only stage) a checkpoint; returns the file list."""
+    check_repo_id(repo_id)
     checkpoint = Path(checkpoint)
     if grid_dir is None and (checkpoint / "eval" / "grid.json").is_file():
         grid_dir = checkpoint / "eval"
     grid_dir = Path(grid_dir) if grid_dir else None
     if dry_run is not None:
-        target = Path(dry_run)
+        target = check_writable_folder(dry_run, key="--dry-run")
         if target.exists() and any(target.iterdir()):
             raise UserError(f"--dry-run: {str(target)!r} is not empty; give a new folder")
+        manifest = check_checkpoint(checkpoint)
+        _load_grid(grid_dir, manifest, cells)
         target.mkdir(parents=True, exist_ok=True)
         return stage(checkpoint, target, repo_id, grid_dir, cells)
     with tempfile.TemporaryDirectory() as staging:

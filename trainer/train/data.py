@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset
+from datasets.exceptions import DatasetGenerationError
 
 from trainer import beir
 from trainer.errors import UserError
@@ -54,8 +55,14 @@ def _load_file(path: str, where: str) -> Dataset:
     kind = FILE_FORMATS.get(file.suffix)
     if kind is None:
         raise UserError(f"{where}.path: {path!r} has an unknown format; valid: {', '.join(FILE_FORMATS)}")
+    records = sum(1 for _ in beir.read_jsonl(file)) if file.suffix == ".jsonl" else file.stat().st_size
+    if not records:  # a broken jsonl line is named above, with its line number
+        raise UserError(f"{where}.path: {path!r} is empty; an empty dataset cannot train")
     options = {"delimiter": "\t"} if file.suffix == ".tsv" else {}
-    return load_dataset(kind, data_files=str(file), split="train", **options)
+    try:
+        return load_dataset(kind, data_files=str(file), split="train", **options)
+    except (DatasetGenerationError, ValueError, OSError) as error:
+        raise UserError(f"{where}.path: cannot read {path!r} as {kind}: {error.__cause__ or error}") from None
 
 
 def _load_hub(source: SourceConfig, where: str) -> Dataset:

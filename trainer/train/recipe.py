@@ -3,53 +3,35 @@
 A recipe has the sections ``model``, ``data``, ``loss``, ``training`` (every
 ``SentenceTransformerTrainingArguments`` field) and optionally ``binary`` (recurrent binarization heads),
 ``distill`` (teacher distillation) and ``evaluation`` (per-cell nDCG@10 on dev sets during training).
-``--key value`` overrides a training argument, ``--section.key value`` any other field; values are read as
-YAML (``--learning_rate 1e-4``, ``--loss.cells "[L2-D64]"``).
+``--key value`` overrides a training argument, ``--section.key value`` any other field. Every value, in the
+file or on the command line, gets its field's type the way ``HfArgumentParser`` gives it
+(``trainer.settings``): ``--save_strategy no`` is the string ``"no"``, ``--learning_rate 1e-4`` a float,
+``--loss.cells L2-D64,L6-D384`` a list. The training arguments are then built once
+(``SentenceTransformerTrainingArguments`` checks their combinations) and their values checked (learning
+rate > 0, batch sizes >= 1, ...), and the output folder must be writable.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
-from typing import Any, Literal
-
-import yaml
+from typing import Any, Literal, get_args
 
 from trainer.beir import check_folder
 from trainer.binary.codes import check_packable
 from trainer.binary.heads import SHARING, BinaryHeads, Sharing, check_bits
 from trainer.errors import UserError
 from trainer.grid import FLOAT_BITS, Cell, Grid, parse_cells
+from trainer.outputs import check_writable_folder
+from trainer.serve.checkpoint import model_shape
+from trainer.settings import Plain, build_dataclass, did_you_mean, field_types, read_yaml, typed_value
 
 LOSS_TYPES = ("starbucks", "2dmse", "grid")
-OUR_TRAINING_KEYS = ("overwrite_output_dir",)
-
-
-def _close(name: str, valid: list[str]) -> str:
-    match = difflib.get_close_matches(name, valid, n=1)
-    return f" (did you mean {match[0]!r}?)" if match else ""
-
-
-def build_section(cls: type, values: Any, key: str):
-    """Instantiate dataclass ``cls`` from a mapping, naming unknown keys and missing ones."""
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise UserError(f"{key}: expected a mapping of settings, got {values!r}")
-    valid = [f.name for f in dataclasses.fields(cls)]
-    for name in values:
-        if name not in valid:
-            raise UserError(f"{key}.{name}: unknown key{_close(name, valid)}; valid keys: {', '.join(valid)}")
-    try:
-        return cls(**values)
-    except TypeError as error:  # a missing required field
-        raise UserError(f"{key}: {error}; valid keys: {', '.join(valid)}") from None
 
 
 @dataclass
@@ -153,8 +135,12 @@ class LossConfig:
         if self.type == "grid" and layers is None and self.cells is None:
             layers = list(range(1, num_layers + 1))
         try:
-            cells = parse_cells(self.cells, key="cells") if self.cells is not None else None
-            grid = Grid.from_spec(cells=cells, layers=layers, dims=self.dims)
+            grid = Grid.from_spec(cells=self.cells, layers=layers, dims=self.dims)
+            if grid.code_bits:
+                raise UserError(
+                    f"cells: {[str(c) for c in grid.listed if not c.is_float]} name code bits; list the trained "
+                    "cells as L<layers>-D<dims> and give the code depths under binary.bits"
+                )
             if self.type == "starbucks" and self.cells is not None:
                 grid.check_nested()
             grid.check_fits(num_layers, embedding_dim)
@@ -214,7 +200,7 @@ class BinaryConfig:
                 f"binary.hidden: {self.hidden!r} is not valid; use 0 (no learned blocks) or a positive integer"
             )
         if self.hidden == 0 and self.mode == "head-only":
-            raise UserError("binary.hidden: 0 leaves nothing to learn in head-only mode; use a positive width, e.g. 512")
+            raise UserError("binary.hidden: 0 leaves nothing to learn in head-only mode; give a width, e.g. 512")
         for key in ("steps", "batch_size"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
@@ -454,88 +440,118 @@ class Recipe:
         return Path(self.training["output_dir"])
 
 
-def _training_fields() -> set[str]:
+@cache
+def section_classes() -> dict[str, type]:
+    """Recipe section name -> its config dataclass (``training`` is a mapping of training arguments)."""
+    sections = {}
+    for name, hint in field_types(Recipe).items():
+        classes = [arg for arg in (get_args(hint) or (hint,)) if dataclasses.is_dataclass(arg)]
+        if classes:
+            sections[name] = classes[0]
+    return sections
+
+
+OUR_TRAINING_KEYS = {"overwrite_output_dir": bool}
+NOT_TRAINING_ARGUMENTS = ("overwrite_output_dir", "resume_from_checkpoint")  # handled by trainer.train.run
+STEPS = "a number > 0 (a fraction of the total steps when < 1)"
+TRAINING_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "learning_rate": (lambda v: v > 0, "a number > 0"),
+    "num_train_epochs": (lambda v: v > 0, "a number > 0"),
+    "max_steps": (lambda v: v == -1 or v >= 1, "an integer >= 1, or -1 to train num_train_epochs"),
+    "per_device_train_batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "per_device_eval_batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "gradient_accumulation_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "warmup_steps": (lambda v: v >= 0, "a number >= 0 (a fraction of the total steps when < 1)"),
+    "weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "max_grad_norm": (lambda v: v >= 0, "a number >= 0"),
+    "adam_epsilon": (lambda v: v > 0, "a number > 0"),
+    "logging_steps": (lambda v: v > 0, STEPS),
+    "save_steps": (lambda v: v > 0, STEPS),
+    "eval_steps": (lambda v: v > 0, STEPS),
+    "save_total_limit": (lambda v: v >= 1, "an integer >= 1, or null to keep every checkpoint"),
+    "dataloader_num_workers": (lambda v: v >= 0, "an integer >= 0"),
+}
+
+
+@cache
+def training_types() -> dict[str, Any]:
+    """The type of every training argument: the fields of ``SentenceTransformerTrainingArguments`` plus ours."""
     from sentence_transformers import SentenceTransformerTrainingArguments
 
-    return {f.name for f in dataclasses.fields(SentenceTransformerTrainingArguments) if f.init}
+    return {**field_types(SentenceTransformerTrainingArguments), **OUR_TRAINING_KEYS}
+
+
+def training_value(name: str, value: Any, key: str) -> Any:
+    """One training argument typed by its dataclass field and checked against ``TRAINING_CHECKS``."""
+    types = training_types()
+    if name not in types:
+        raise UserError(
+            f"{key}: unknown key{did_you_mean(name, list(types))}; valid keys are the fields of "
+            "SentenceTransformerTrainingArguments plus overwrite_output_dir"
+        )
+    value = typed_value(value, types[name], key)
+    valid, description = TRAINING_CHECKS.get(name, (None, ""))
+    if valid is not None and value is not None and not valid(value):
+        raise UserError(f"{key}: {value!r} is not valid; give {description}")
+    return value
+
+
+def training_arguments(training: dict[str, Any]):
+    """The ``SentenceTransformerTrainingArguments`` of a recipe's training mapping; their own checks of how
+    the arguments combine (strategies, precision, reporting integrations) become a ``UserError``."""
+    import torch
+    from sentence_transformers import SentenceTransformerTrainingArguments
+    from transformers.integrations import get_reporting_integration_callbacks
+
+    arguments = {k: v for k, v in training.items() if k not in NOT_TRAINING_ARGUMENTS}
+    if not torch.accelerator.is_available():  # pinned memory needs an accelerator; torch warns otherwise
+        arguments.setdefault("dataloader_pin_memory", False)
+    try:
+        args = SentenceTransformerTrainingArguments(**arguments)
+        get_reporting_integration_callbacks(args.report_to)
+    except (ValueError, TypeError, OSError, NotImplementedError) as error:
+        raise UserError(f"training: {error}") from None
+    return args
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``--key value`` / ``--key=value`` pairs; plain keys go to ``training``, dotted ones anywhere."""
+    """Apply ``--key value`` / ``--key=value`` pairs, each value typed by its field (``--learning-rate``
+    works too); plain keys are training arguments, ``--section.key`` any other field. A list field also
+    takes several values: ``--loss.cells L2-D64 L6-D384``."""
     tokens = list(overrides)
     while tokens:
         token = tokens.pop(0)
-        if not token.startswith("--"):
+        if not token.startswith("--") or token == "--":
             raise UserError(f"command line: expected --key value, got {token!r}")
-        key, _, value = token[2:].partition("=")
-        if not _:
-            if not tokens or tokens[0].startswith("--"):
-                raise UserError(f"command line: --{key} needs a value")
-            value = tokens.pop(0)
-        path = key.split(".") if "." in key else ["training", key]
-        target = raw
-        for part in path[:-1]:
-            target = target.setdefault(part, {})
-            if not isinstance(target, dict):
-                raise UserError(f"command line: --{key}: {part} is not a section")
-        target[path[-1]] = parse_value(value)
-    return raw
-
-
-def parse_value(text: str) -> Any:
-    """A command-line value: a number (also ``1e-4``, which YAML 1.1 reads as a string), else YAML."""
-    number = as_number(text)
-    if number is not None:
-        return number
-    return yaml.safe_load(text) if text != "" else ""
-
-
-def as_number(text: str) -> int | float | None:
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
+        key, has_value, value = token[2:].partition("=")
+        values = [value] if has_value else []
+        while tokens and not tokens[0].startswith("--"):
+            values.append(tokens.pop(0))
+        if not values:
+            raise UserError(f"command line: --{key} needs a value")
+        text = Plain(values[0]) if len(values) == 1 else [Plain(v) for v in values]
+        section, _, name = key.rpartition(".")
+        name = name.replace("-", "_")
+        if not section:
+            raw.setdefault("training", {})
+            raw["training"] = raw["training"] if raw["training"] is not None else {}
+            raw["training"][name] = training_value(name, text, f"--{key}")
             continue
-    return None
-
-
-def _read_model_json(name: str, filename: str, revision: str | None) -> dict | None:
-    """A JSON file of a local model folder or hub repo; None when the repo has no such file."""
-    local = Path(name)
-    if local.is_dir():
-        path = local / filename
-        return json.loads(path.read_text()) if path.is_file() else None
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
-    try:
-        return json.loads(Path(hf_hub_download(name, filename, revision=revision)).read_text())
-    except EntryNotFoundError as error:  # LocalEntryNotFoundError (offline, not cached) is a subclass
-        if isinstance(error, LocalEntryNotFoundError) and filename == "config.json":
-            raise _unreadable(name, error) from None
-        return None
-    except (ValueError, OSError) as error:  # bad repo id, repository not found, network
-        raise _unreadable(name, error) from None
-
-
-def _unreadable(name: str, error: Exception) -> UserError:
-    return UserError(
-        f"model.name: cannot read config.json of {name!r} ({type(error).__name__}); offline, run `make models` "
-        "or give a local sentence-transformers folder"
-    )
-
-
-def model_shape(model: ModelConfig) -> tuple[int, int]:
-    """(transformer layers, sentence-embedding dim) from the model's config files, without loading weights."""
-    config = _read_model_json(model.name, "config.json", model.revision)
-    if config is None or "num_hidden_layers" not in config:
-        raise UserError(f"model.name: {model.name!r} has no config.json with num_hidden_layers")
-    dim = config.get("hidden_size")
-    for module in _read_model_json(model.name, "modules.json", model.revision) or []:
-        if module.get("type", "").endswith("Dense"):
-            dense = _read_model_json(model.name, f"{module['path']}/config.json", model.revision) or {}
-            dim = dense.get("out_features", dim)
-    return int(config["num_hidden_layers"]), int(dim)
+        classes = section_classes()
+        if section not in classes:
+            raise UserError(
+                f"--{key}: unknown section {section!r}{did_you_mean(section, list(classes))}; "
+                f"valid: {', '.join(classes)}, or a training argument without a section"
+            )
+        types = field_types(classes[section])
+        if name not in types:
+            raise UserError(f"--{key}: unknown key{did_you_mean(name, list(types))}; valid keys: {', '.join(types)}")
+        if raw.get(section) is None:
+            raw[section] = {}
+        if not isinstance(raw[section], dict):
+            raise UserError(f"--{key}: the recipe's {section!r} is not a mapping of settings")
+        raw[section][name] = typed_value(text, types[name], f"--{key}")
+    return raw
 
 
 def parse_recipe(raw: dict[str, Any], path: str = "") -> Recipe:
@@ -545,37 +561,37 @@ def parse_recipe(raw: dict[str, Any], path: str = "") -> Recipe:
     sections = [f.name for f in dataclasses.fields(Recipe) if f.name != "path"]
     for name in raw:
         if name not in sections:
-            raise UserError(f"{name}: unknown section{_close(name, sections)}; valid sections: {', '.join(sections)}")
+            raise UserError(
+                f"{name}: unknown section{did_you_mean(str(name), sections)}; valid sections: {', '.join(sections)}"
+            )
     for name in ("model", "data", "training"):
         if name not in raw:
             raise UserError(f"{name}: missing section; a recipe needs model, data and training")
-    model = build_section(ModelConfig, raw["model"], "model")
+    model = build_dataclass(ModelConfig, raw["model"], "model")
     data_raw = raw["data"] if isinstance(raw["data"], dict) else {}
     if not data_raw.get("train"):
         raise UserError("data.train: no training data; list at least one source (beir, hub, path or texts)")
-    data = build_section(DataConfig, data_raw, "data")
-    data.train = [build_section(SourceConfig, s, f"data.train[{i}]") for i, s in enumerate(data.train)]
-    if data.eval:
-        data.eval = [build_section(SourceConfig, s, f"data.eval[{i}]") for i, s in enumerate(data.eval)]
-    loss = build_section(LossConfig, raw.get("loss"), "loss")
-    training = _check_training(raw["training"])
+    data = build_dataclass(DataConfig, data_raw, "data")
+    loss = build_dataclass(LossConfig, raw.get("loss"), "loss")
+    training = check_training(raw["training"])
     binary = distill = None
     if raw.get("binary") is not None:
-        binary = build_section(BinaryConfig, raw["binary"], "binary")
+        binary = build_dataclass(BinaryConfig, raw["binary"], "binary")
     if raw.get("distill") is not None:
-        distill = build_section(DistillConfig, raw["distill"], "distill")
+        distill = build_dataclass(DistillConfig, raw["distill"], "distill")
     evaluation = None
     if raw.get("evaluation") is not None:
-        evaluation = build_section(EvaluationConfig, raw["evaluation"], "evaluation")
-        sets = evaluation.sets if isinstance(evaluation.sets, list) else [evaluation.sets]
-        evaluation.sets = [build_section(EvalSetConfig, s, f"evaluation.sets[{i}]") for i, s in enumerate(sets)]
+        section = raw["evaluation"]
+        if isinstance(section, dict) and isinstance(section.get("sets"), dict):  # one dev set
+            section = {**section, "sets": [section["sets"]]}
+        evaluation = build_dataclass(EvaluationConfig, section, "evaluation")
     if loss.contrastive_weight == 0 and distill is None and binary is None:
         raise UserError("loss.contrastive_weight: 0 leaves nothing to train; add a distill or binary section")
     label_free = [s.label for s in data.train if s.texts]
     if label_free and distill is None and (binary is None or binary.mode != "head-only"):
         raise UserError(f"data.train: {label_free} are label-free texts; they need a distill section to train on")
     recipe = Recipe(model, data, loss, training, binary, distill, evaluation, path)
-    num_layers, embedding_dim = model_shape(model)
+    num_layers, embedding_dim = model_shape(model.name, model.revision, key="model.name")
     grid = loss.grid(num_layers, embedding_dim)
     if binary is not None:
         binary.check_dims([*grid.dims, embedding_dim])
@@ -584,27 +600,26 @@ def parse_recipe(raw: dict[str, Any], path: str = "") -> Recipe:
     return recipe
 
 
-def _check_training(training: Any) -> dict[str, Any]:
+def check_training(training: Any) -> dict[str, Any]:
+    """The training mapping with every value typed and checked, checked together by building the training
+    arguments, and an output folder that can be written."""
     if not isinstance(training, dict):
         raise UserError(f"training: expected a mapping of SentenceTransformerTrainingArguments, got {training!r}")
-    valid = sorted(_training_fields() | set(OUR_TRAINING_KEYS))
-    for name in training:
-        if name not in valid:
-            raise UserError(
-                f"training.{name}: unknown key{_close(name, valid)}; valid keys are the fields of "
-                "SentenceTransformerTrainingArguments plus overwrite_output_dir"
-            )
-    if not training.get("output_dir"):
+    typed = {str(name): training_value(str(name), value, f"training.{name}") for name, value in training.items()}
+    if not typed.get("output_dir"):
         raise UserError("training.output_dir: missing; say where checkpoints go, e.g. runs/my-model")
-    return {k: v if not isinstance(v, str) or as_number(v) is None else as_number(v) for k, v in training.items()}
+    check_writable_folder(typed["output_dir"], key="training.output_dir")
+    training_arguments(typed)
+    return typed
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"recipe: {str(path)!r} does not exist; see configs/ for examples")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise UserError(f"recipe: {path} is not valid YAML: {error}") from None
+    raw = read_yaml(path, key="recipe")
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"recipe: {path} must be a YAML mapping of sections (model, data, loss, training, ...)")
     return parse_recipe(apply_overrides(raw, overrides or []), str(path))

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from datasets import Dataset, DatasetDict
-from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
 from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
@@ -24,7 +24,7 @@ from trainer.train.data import load_sources, text_columns
 from trainer.train.losses import ElasticLoss, InfoNCELoss, Matryoshka2dLoss
 from trainer.train.losses.binary import BinaryCodeLoss, EmbeddingToEmbeddingLoss
 from trainer.train.losses.distill import DistillationLoss
-from trainer.train.recipe import Recipe, load_recipe
+from trainer.train.recipe import Recipe, load_recipe, training_arguments
 from trainer.train.summary import log_summary, run_summary
 
 logger = logging.getLogger(__name__)
@@ -163,10 +163,7 @@ def train(recipe: Recipe) -> SentenceTransformerTrainer:
     grid = recipe.loss.grid(num_layers(model), embedding_dim(model))
     if recipe.binary is not None and recipe.binary.mode == "head-only":
         return train_heads_from_recipe(recipe, model, grid, train_data)
-    training = {k: v for k, v in recipe.training.items() if k not in ("overwrite_output_dir", "resume_from_checkpoint")}
-    if not torch.accelerator.is_available():  # pinned memory needs an accelerator; torch warns otherwise
-        training.setdefault("dataloader_pin_memory", False)
-    args = SentenceTransformerTrainingArguments(**training)
+    args = training_arguments(recipe.training)
     teacher_width = None
     if recipe.distill is not None:
         with args.main_process_first(desc="teacher embeddings"):
