@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import logging
-import os
+import math
 import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from accelerate import PartialState
 from datasets import Dataset, DatasetDict
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from torch import nn
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from trainer.binary.heads import BinaryHeads
 from trainer.cell_vectors import embedding_dim, num_layers
@@ -21,6 +22,7 @@ from trainer.errors import UserError
 from trainer.grid import Cell, CellSelection, Grid
 from trainer.manifest import write_manifest
 from trainer.train.data import load_sources, text_columns
+from trainer.train.head_only import CHECKPOINT_STATE, train_heads_only
 from trainer.train.losses import ElasticLoss, InfoNCELoss, Matryoshka2dLoss
 from trainer.train.losses.binary import BinaryCodeLoss
 from trainer.train.losses.distill import DistillationLoss
@@ -28,31 +30,45 @@ from trainer.train.recipe import Recipe, load_recipe
 
 logger = logging.getLogger(__name__)
 
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+SELECTION_FILE = "cell_selection.json"
 
 
 def resolve_resume(recipe: Recipe) -> str | None:
-    """``resume_from_checkpoint``: a checkpoint folder, or ``true`` for the latest one in output_dir."""
+    """``resume_from_checkpoint``: a checkpoint folder, or ``true`` for the latest complete one in output_dir."""
     resume = recipe.training.get("resume_from_checkpoint")
     if resume in (None, False, "", "false", "False"):
         return None
     if resume in (True, "true", "True"):
-        last = get_last_checkpoint(str(recipe.output_dir)) if recipe.output_dir.is_dir() else None
+        last = last_complete_checkpoint(recipe)
         if last is None:
-            raise UserError(f"training.resume_from_checkpoint: no checkpoint-* folder in {str(recipe.output_dir)!r}")
+            raise UserError(
+                f"training.resume_from_checkpoint: no complete checkpoint-* folder in {str(recipe.output_dir)!r}"
+            )
         return last
     if not Path(resume).is_dir():
         raise UserError(f"training.resume_from_checkpoint: {resume!r} is not a checkpoint folder")
     return str(resume)
 
 
+def last_complete_checkpoint(recipe: Recipe) -> str | None:
+    """The newest ``checkpoint-<step>`` folder of output_dir whose saving finished, i.e. that holds the file
+    written into it last (the cell selection's state; head-only training's state). A run killed while saving
+    leaves its newest folder incomplete; that one is skipped with a warning."""
+    head_only = recipe.binary is not None and recipe.binary.mode == "head-only"
+    marker = CHECKPOINT_STATE if head_only else SELECTION_FILE
+    folders = [f for f in recipe.output_dir.glob("checkpoint-*") if f.name.split("-", 1)[1].isdigit()]
+    for folder in sorted(folders, key=lambda f: int(f.name.split("-", 1)[1]), reverse=True):
+        if (folder / marker).is_file():
+            return str(folder)
+        logger.warning("%s is incomplete (the run stopped while saving it); an earlier checkpoint is used", folder)
+    return None
+
+
 def prepare_output_dir(recipe: Recipe, resume: str | None) -> None:
     """Never overwrite a run silently: a non-empty output_dir needs a resume or an explicit overwrite."""
     out = recipe.output_dir
     overwrite = recipe.training.get("overwrite_output_dir") in (True, "true", "True")
-    if resume or not out.is_dir() or not any(out.iterdir()) or not is_main_process():
+    if resume or not out.is_dir() or not any(out.iterdir()) or not PartialState().is_main_process:
         return
     if not overwrite:
         raise UserError(
@@ -103,24 +119,27 @@ def build_loss(recipe: Recipe, model: SentenceTransformer, grid: Grid, teacher_d
             distill.relative_weight,
             distill.margin,
             distill.relative_max_pairs,
+            config.gather_across_devices,
         )
     if heads is None:
-        return ElasticLoss(model, selection, terms)
-    return ElasticLoss(model, selection, terms, heads, tuple(recipe.binary.bits), recipe.binary.encoder_grad)
+        return ElasticLoss(model, selection, terms, mini_batch_size=config.mini_batch_size)
+    bits, encoder_grad = tuple(recipe.binary.bits), recipe.binary.encoder_grad
+    return ElasticLoss(model, selection, terms, heads, bits, encoder_grad, config.mini_batch_size)
 
 
 class LossStateCallback(TrainerCallback):
-    """Keeps the loss's own trainable state (binarization heads, distillation projection) with the model.
+    """Keeps the loss's own state with the model: its trainable terms (binarization heads, distillation
+    projection) and the random state of the cell selection (``2dmse`` sampling).
 
-    Each term with ``save_pretrained`` is saved into every checkpoint and the final output_dir. Under
-    DDP those parameters live outside the wrapped model, so their gradients are averaged over processes
-    here before each optimizer step.
+    Each term with ``save_pretrained`` is saved into every checkpoint and the final output_dir; the cell
+    selection's state into every checkpoint (``cell_selection.json``), so a resumed run samples the cells an
+    uninterrupted one would. Under DDP the loss's parameters live outside the wrapped model, so their
+    gradients are averaged over processes here before each optimizer step.
     """
 
     def __init__(self, loss: ElasticLoss) -> None:
         self.loss = loss
-        model_params = {id(p) for p in loss.model.parameters()}
-        self.own_params = [p for p in loss.parameters() if id(p) not in model_params and p.requires_grad]
+        self.own_params = loss.own_parameters()
 
     def stateful_terms(self) -> list[nn.Module]:
         return [term for term in self.loss.terms.values() if hasattr(term, "save_pretrained")]
@@ -132,6 +151,11 @@ class LossStateCallback(TrainerCallback):
     def load(self, folder: str | Path) -> None:
         for term in self.stateful_terms():
             term.load_state(folder)
+        selection = Path(folder) / SELECTION_FILE
+        if selection.is_file():
+            self.loss.selection.load_state_dict(json.loads(selection.read_text()))
+        elif self.loss.selection.mode == "2dmse":
+            raise UserError(f"{selection}: missing; cannot resume the 2dmse cell sampling of this checkpoint")
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.own_params and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -141,7 +165,9 @@ class LossStateCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            self.save(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            self.save(checkpoint)
+            (checkpoint / SELECTION_FILE).write_text(json.dumps(self.loss.selection.state_dict()))
 
 
 def load_model(recipe: Recipe) -> SentenceTransformer:
@@ -160,7 +186,7 @@ def train(recipe: Recipe) -> SentenceTransformerTrainer:
     model = load_model(recipe)
     grid = recipe.loss.grid(num_layers(model), embedding_dim(model))
     if recipe.binary is not None and recipe.binary.mode == "head-only":
-        return train_heads_from_recipe(recipe, model, grid, train_data)
+        return train_heads_from_recipe(recipe, model, grid, train_data, resume)
     training = {k: v for k, v in recipe.training.items() if k not in ("overwrite_output_dir", "resume_from_checkpoint")}
     args = SentenceTransformerTrainingArguments(**training)
     teacher_width = None
@@ -208,11 +234,12 @@ def label_with_teacher(data: Dataset | DatasetDict, recipe: Recipe) -> Dataset |
     return DatasetDict({name: label(d) for name, d in data.items()}) if isinstance(data, DatasetDict) else label(data)
 
 
-def train_heads_from_recipe(recipe: Recipe, model: SentenceTransformer, grid: Grid, data) -> None:
+def train_heads_from_recipe(
+    recipe: Recipe, model: SentenceTransformer, grid: Grid, data, resume: str | None = None
+) -> None:
     """Head-only mode: the encoder stays frozen; its texts train the binarization heads (trainer.train.head_only).
-    The output folder is a full checkpoint: the unchanged model, its heads and the manifest."""
-    from trainer.train.head_only import train_heads_only
-
+    The output folder is a full checkpoint: the unchanged model, its heads and the manifest. Checkpoints
+    follow the training arguments ``save_strategy`` and ``save_steps`` (a fraction of ``binary.steps`` when < 1)."""
     datasets = data.values() if isinstance(data, DatasetDict) else [data]
     texts, pairs = [], []
     for dataset in datasets:
@@ -222,7 +249,11 @@ def train_heads_from_recipe(recipe: Recipe, model: SentenceTransformer, grid: Gr
             pairs += list(zip(dataset["anchor"], dataset["positive"], strict=True))
     recipe.output_dir.mkdir(parents=True, exist_ok=True)
     model.save(str(recipe.output_dir))
-    train_heads_only(model, texts, pairs, grid, recipe.binary, recipe.output_dir)
+    save_steps = recipe.training.get("save_steps", 500)
+    save_steps = save_steps if save_steps >= 1 else math.ceil(save_steps * recipe.binary.steps)
+    if recipe.training.get("save_strategy", "steps") == "no":
+        save_steps = None
+    train_heads_only(model, texts, pairs, grid, recipe.binary, recipe.output_dir, save_steps, resume)
     write_manifest(recipe, grid, model)
 
 
