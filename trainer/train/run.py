@@ -14,7 +14,7 @@ from accelerate import PartialState
 from datasets import Dataset, DatasetDict
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from torch import nn
-from transformers import TrainerCallback
+from transformers import TrainerCallback, set_seed
 
 from trainer.binary.heads import BinaryHeads
 from trainer.cell_vectors import embedding_dim, num_layers
@@ -196,6 +196,7 @@ def train(recipe: Recipe) -> SentenceTransformerTrainer:
             eval_data = label_with_teacher(eval_data, recipe) if eval_data else None
         first = next(iter(train_data.values())) if isinstance(train_data, DatasetDict) else train_data
         teacher_width = len(first[0]["label"][0])
+    set_seed(args.seed)  # the loss's own parameters (heads, projection) start the same in every run with this seed
     loss = build_loss(recipe, model, grid, teacher_width)
     args.learning_rate_mapping = {**loss_learning_rates(recipe, loss), **args.learning_rate_mapping}
     callback = LossStateCallback(loss)
