@@ -126,3 +126,12 @@ def test_shipped_recipes_parse():
         except UserError as error:
             # Hub-only recipes cannot read their model config offline; everything else must parse.
             assert "cannot read" in str(error), f"{path.name}: {error}"
+
+
+def test_processes_launched_without_a_distributed_setup_are_refused(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="2 processes started but the launch config needs a device"):
+        train_module.check_launch(SimpleNamespace(world_size=1, device=None))
+    train_module.check_launch(SimpleNamespace(world_size=2, device=SimpleNamespace(type="cpu")))  # DDP over gloo

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from accelerate import PartialState
 from datasets import Dataset, DatasetDict
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from torch import nn
@@ -64,11 +64,12 @@ def last_complete_checkpoint(recipe: Recipe) -> str | None:
     return None
 
 
-def prepare_output_dir(recipe: Recipe, resume: str | None) -> None:
-    """Never overwrite a run silently: a non-empty output_dir needs a resume or an explicit overwrite."""
+def prepare_output_dir(recipe: Recipe, resume: str | None, is_main_process: bool = True) -> None:
+    """Never overwrite a run silently: a non-empty output_dir needs a resume or an explicit overwrite (checked,
+    and acted on, by the main process)."""
     out = recipe.output_dir
     overwrite = recipe.training.get("overwrite_output_dir") in (True, "true", "True")
-    if resume or not out.is_dir() or not any(out.iterdir()) or not PartialState().is_main_process:
+    if resume or not out.is_dir() or not any(out.iterdir()) or not is_main_process:
         return
     if not overwrite:
         raise UserError(
@@ -170,6 +171,22 @@ class LossStateCallback(TrainerCallback):
             (checkpoint / SELECTION_FILE).write_text(json.dumps(self.loss.selection.state_dict()))
 
 
+def check_launch(args: SentenceTransformerTrainingArguments) -> None:
+    """Refuse processes that ``accelerate launch`` started but that would not train together: with a launch
+    config for devices the machine lacks (FSDP or multi-GPU on a CPU machine, without ACCELERATE_USE_CPU),
+    accelerate gives each process a run of its own, and all would write the same output_dir. FSDP asked for on
+    CPU runs as plain DDP over gloo (accelerate shards only on accelerators), which is said once."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and args.world_size == 1:
+        raise UserError(
+            f"accelerate launch: {launched} processes started but the launch config needs a device this machine "
+            "lacks, so each would train alone; on CPU launch with ACCELERATE_USE_CPU=true (DDP over gloo), e.g. "
+            "--config_file configs/accelerate/cpu-2proc.yaml"
+        )
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and args.device.type == "cpu":
+        logger.warning("accelerate launch: FSDP does not shard on CPU; the processes train with DDP over gloo")
+
+
 def load_model(recipe: Recipe) -> SentenceTransformer:
     config = recipe.model
     model = SentenceTransformer(config.name, revision=config.revision, trust_remote_code=config.trust_remote_code)
@@ -180,15 +197,16 @@ def load_model(recipe: Recipe) -> SentenceTransformer:
 
 def train(recipe: Recipe) -> SentenceTransformerTrainer:
     resume = resolve_resume(recipe)
-    prepare_output_dir(recipe, resume)
+    training = {k: v for k, v in recipe.training.items() if k not in ("overwrite_output_dir", "resume_from_checkpoint")}
+    args = SentenceTransformerTrainingArguments(**training)  # sets up the processes of `accelerate launch`
+    check_launch(args)
+    prepare_output_dir(recipe, resume, args.distributed_state.is_main_process)
     train_data = load_sources(recipe.data.train, "data.train")
     eval_data = load_sources(recipe.data.eval, "data.eval") if recipe.data.eval else None
     model = load_model(recipe)
     grid = recipe.loss.grid(num_layers(model), embedding_dim(model))
     if recipe.binary is not None and recipe.binary.mode == "head-only":
         return train_heads_from_recipe(recipe, model, grid, train_data, resume)
-    training = {k: v for k, v in recipe.training.items() if k not in ("overwrite_output_dir", "resume_from_checkpoint")}
-    args = SentenceTransformerTrainingArguments(**training)
     teacher_width = None
     if recipe.distill is not None:
         with args.main_process_first(desc="teacher embeddings"):
