@@ -151,7 +151,10 @@ class ElasticLoss(nn.Module):
             parts = list(embedder.embed_minibatch_iter(features, False, grad_enabled, ranges=column_ranges))
             cached.append([part.detach().requires_grad_(grad_enabled) for part, _ in parts])
             random_states.append([state for _, state in parts])
-        per_column = [{layer: torch.cat(parts)[:, i] for i, layer in enumerate(layers)} for parts in cached]
+        per_column = []
+        for parts in cached:
+            column = torch.cat(parts)  # (batch, len(layers), dim)
+            per_column.append({layer: column[:, i] for i, layer in enumerate(layers)})
         losses = self.terms_loss(per_column, cells, labels)
         if not grad_enabled:
             return losses
@@ -219,6 +222,8 @@ class ElasticLoss(nn.Module):
         if self.heads is not None:
             config["bits"] = list(self.bits)
             config["code_encoder_grad"] = self.code_encoder_grad
+        if self.mini_batch_size is not None:
+            config["mini_batch_size"] = self.mini_batch_size
         for name, term in self.terms.items():
             config[name] = term.get_config_dict()
         return config
