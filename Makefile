@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 RUN ?= runs/demo
 
-BENCHES := train-step train-memory grid-eval binary-search early-exit flagship
+BENCHES := train-step train-memory train-batch grid-eval binary-search early-exit flagship
 
 .PHONY: install models demo test test-fast lint format bench bench-smoke clean $(addprefix bench-,$(BENCHES))
 
@@ -54,6 +54,8 @@ bench-train-step: models
 	PYTHONPATH=. $(BIN)/python bench/train_step.py
 bench-train-memory: models
 	PYTHONPATH=. $(BIN)/python bench/train_step.py --peak-memory
+bench-train-batch: models
+	PYTHONPATH=. $(BIN)/python bench/train_step.py --batch-scaling --repeats 2
 bench-grid-eval: models
 	PYTHONPATH=. $(BIN)/python bench/grid_eval.py
 bench-binary-search: models

@@ -33,6 +33,13 @@ def test_memory_benchmark_smoke():
     assert all(row["peak RSS MiB"] > 50 for row in recorded("train_memory")["rows"])
 
 
+def test_batch_scaling_benchmark_smoke():
+    smoke("train_step", "--batch-scaling")
+    rows = recorded("train_batch")["rows"]
+    assert [(row["batch"], row["mini_batch_size"]) for row in rows] == [(4, "-"), (4, 2)]  # uncached, cached
+    assert all(row["peak RSS MiB"] > 50 and row["s/example"] > 0 for row in rows)
+
+
 @pytest.mark.slow
 def test_grid_eval_benchmark_smoke():
     requires_shared_data("cranfield")

@@ -319,3 +319,48 @@ def test_train_heads_only_refusals(tiny_model, tmp_path):
     wide = Grid.from_spec(cells=["L4-D64"], bits=[1])
     with pytest.raises(UserError, match="64 dims"):
         train_heads_only(tiny_model, ["a", "b"], None, wide, BinaryConfig(bits=[1], mode="head-only"), tmp_path)
+
+
+def test_head_only_training_writes_checkpoints_and_resumes_to_the_same_heads(tiny_model_path, tmp_path, monkeypatch):
+    """A run stopped after checkpoint-20, while it was writing checkpoint-40, resumes with
+    ``--resume_from_checkpoint true`` from checkpoint-20 and ends with the heads of an uninterrupted run."""
+    import shutil
+
+    from trainer.train.head_only import CHECKPOINT_STATE
+    from trainer.train.recipe import parse_recipe
+    from trainer.train.run import train
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(f'{{"anchor": "question {i}", "positive": "answer {i} {i % 5}"}}\n' for i in range(40)))
+
+    def run(out, **training):
+        recipe = {
+            "model": {"name": str(tiny_model_path)},
+            "data": {"train": [{"path": str(pairs)}]},
+            "loss": {"cells": ["L2-D16", "L4-D32"]},
+            "binary": {"mode": "head-only", "bits": [1, 2], "hidden": 16, "steps": 60, "batch_size": 16},
+            "training": {"output_dir": str(out), "save_steps": 20, **training},
+        }
+        train(parse_recipe(recipe))
+
+    reference = tmp_path / "reference"
+    run(reference)
+    assert {p.name for p in reference.glob("checkpoint-*")} == {"checkpoint-20", "checkpoint-40", "checkpoint-60"}
+    assert (reference / "checkpoint-20" / "binary_heads" / "model.safetensors").is_file()
+
+    stopped = tmp_path / "stopped"
+    shutil.copytree(reference, stopped, ignore=shutil.ignore_patterns("checkpoint-60", "binary_heads"))
+    shutil.copytree(reference / "checkpoint-20" / "binary_heads", stopped / "checkpoint-20" / "binary_heads")
+    (stopped / "checkpoint-40" / CHECKPOINT_STATE).unlink()  # killed while writing checkpoint-40
+    steps = []
+    forward = EmbeddingToEmbeddingLoss.forward
+    monkeypatch.setattr(EmbeddingToEmbeddingLoss, "forward", lambda *a, **k: steps.append(1) or forward(*a, **k))
+    run(stopped, resume_from_checkpoint=True)
+    assert len(steps) == 40  # steps 21..60: it resumed from checkpoint-20
+
+    expected, resumed = BinaryHeads.load(reference).state_dict(), BinaryHeads.load(stopped).state_dict()
+    assert set(resumed) == set(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
+    started = BinaryHeads.load(reference / "checkpoint-20").state_dict()
+    assert any(not torch.equal(started[name], tensor) for name, tensor in expected.items())

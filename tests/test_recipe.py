@@ -65,6 +65,8 @@ def test_overrides_reach_training_and_nested_keys(raw):
         (lambda r: r["loss"].update(cells=None, layers=[1, 2], dims=[16, 16]), r"dims: \[16, 16\] must be strictly"),
         (lambda r: r["loss"].update(cells=[]), r"loss.cells: no cells given"),
         (lambda r: r["loss"].update(scale=0), r"loss.scale: must be > 0, got 0"),
+        (lambda r: r["loss"].update(mini_batch_size=0), r"loss.mini_batch_size: 0 is not valid; give a positive"),
+        (lambda r: r["loss"].update(mini_batch_size="8"), r"loss.mini_batch_size: '8' is not valid"),
         (lambda r: r["data"].update(train=[]), r"data.train: no training data"),
         (lambda r: r["training"].pop("output_dir"), r"training.output_dir: missing"),
         (lambda r: r.pop("model"), r"model: missing section"),
@@ -127,3 +129,12 @@ def test_shipped_recipes_parse():
             # Hub-only recipes cannot read their model config offline, GPU recipes (bf16) cannot build their
             # training arguments on a CPU machine; everything else must parse.
             assert "cannot read" in str(error) or "support bf16/gpu" in str(error), f"{path.name}: {error}"
+
+
+def test_processes_launched_without_a_distributed_setup_are_refused(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="2 processes started but the launch config needs a device"):
+        train_module.check_launch(SimpleNamespace(world_size=1, device=None))
+    train_module.check_launch(SimpleNamespace(world_size=2, device=SimpleNamespace(type="cpu")))  # DDP over gloo

@@ -4,7 +4,8 @@ BEBR's task-agnostic "embedding-to-embedding" training (Gan et al., KDD 2023): t
 updated, so every layer embedding of every raw text is computed once (one pass per text, all layers, see
 ``trainer.cell_vectors.encode_layers``), cached on disk, and only the heads learn from it
 (``trainer.train.losses.binary.EmbeddingToEmbeddingLoss``). Works on any sentence-transformers model, including
-ones this project did not train, e.g. ``sentence-transformers/all-MiniLM-L6-v2`` as is.
+ones this project did not train, e.g. ``sentence-transformers/all-MiniLM-L6-v2`` as is. Like the HF Trainer,
+it writes ``checkpoint-<step>`` folders and resumes from them (``--resume_from_checkpoint true``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from trainer.train.recipe import BinaryConfig
 logger = logging.getLogger(__name__)
 
 CACHE_FOLDER = "binary_heads_cache"
+CHECKPOINT_STATE = "head_only_state.pt"
 
 
 def cache_key(model: SentenceTransformer, texts: list[str], layers: tuple[int, ...]) -> str:
@@ -51,7 +54,7 @@ def cached_layer_embeddings(
         return torch.load(path, weights_only=True)
     embeddings = encode_layers(model, texts, layers, batch_size=batch_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(embeddings, path)
+    save_atomically(embeddings, path)
     logger.info("binary heads: float embeddings of %d texts cached in %s", len(texts), path)
     return embeddings
 
@@ -77,12 +80,15 @@ def train_heads_only(
     grid: Grid,
     config: BinaryConfig,
     output_dir: str | Path,
+    save_steps: int | None = None,
+    resume_from: str | Path | None = None,
 ) -> BinaryHeads:
     """Train binary heads for every cell of ``grid`` on the frozen ``model``; save them under ``output_dir``.
 
     ``texts``: raw texts (e.g. a corpus); ``pairs``: optional (query, positive) texts, whose members are also
     items. Each step samples ``batch_size`` items (and as many pairs) and applies the embedding-to-embedding
-    loss at every cell and depth; returns the trained heads in eval mode.
+    loss at every cell and depth; returns the trained heads in eval mode. ``save_steps`` and ``resume_from``:
+    checkpoints, see ``fit_heads``.
     """
     _check(model, grid, config)
     pairs = list(pairs or [])
@@ -97,13 +103,19 @@ def train_heads_only(
 
     cache_dir = Path(config.cache_dir) if config.cache_dir else Path(output_dir) / CACHE_FOLDER
     layers = cached_layer_embeddings(model, unique, grid.layers, cache_dir)
-    heads = fit_heads(layers, grid, config, pair_index)
+    heads = fit_heads(layers, grid, config, pair_index, output_dir, save_steps, resume_from)
     heads.save(output_dir)
     return heads
 
 
 def fit_heads(
-    layer_embeddings: dict[int, Tensor], grid: Grid, config: BinaryConfig, pairs: Tensor | None = None
+    layer_embeddings: dict[int, Tensor],
+    grid: Grid,
+    config: BinaryConfig,
+    pairs: Tensor | None = None,
+    output_dir: str | Path | None = None,
+    save_steps: int | None = None,
+    resume_from: str | Path | None = None,
 ) -> BinaryHeads:
     """Train new heads on cached float embeddings; returns them in eval mode.
 
@@ -111,6 +123,10 @@ def fit_heads(
     ``pairs``: optional (P, 2) row indices of (anchor, positive) items. Each step samples ``batch_size``
     items (and as many pairs) and applies the embedding-to-embedding loss at every cell and depth, with
     AdamW and a cosine learning-rate decay over ``steps``.
+
+    With ``output_dir`` and ``save_steps``, every ``save_steps`` steps write ``<output_dir>/checkpoint-<step>``
+    (the heads, and the optimizer, schedule, random state and step, as HF Trainer checkpoints hold);
+    ``resume_from`` such a checkpoint ends with the heads an uninterrupted run ends with.
     """
     count = len(next(iter(layer_embeddings.values())))
     pairs = pairs if pairs is not None else torch.empty(0, 2, dtype=torch.long)
@@ -119,9 +135,10 @@ def fit_heads(
     loss_fn = EmbeddingToEmbeddingLoss(heads, config.bits, config.scale, config.kl_weight, config.kl_temperature)
     optimizer = torch.optim.AdamW(heads.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps)
+    start = load_checkpoint(resume_from, heads, optimizer, schedule) if resume_from is not None else 0
     batch_size = min(config.batch_size, count)
     heads.train()
-    for step in range(config.steps):
+    for step in range(start, config.steps):
         items = torch.randperm(count)[:batch_size]
         losses = loss_fn(_cells(layer_embeddings, items, grid), _pair_cells(layer_embeddings, pairs, batch_size, grid))
         total = sum(losses.values())
@@ -131,7 +148,48 @@ def fit_heads(
         schedule.step()
         if step % 100 == 0 or step == config.steps - 1:
             logger.info("binary heads step %d/%d: loss %.4f", step + 1, config.steps, total.item())
+        if output_dir is not None and save_steps and (step + 1) % save_steps == 0:
+            save_checkpoint(Path(output_dir) / f"checkpoint-{step + 1}", heads, optimizer, schedule, step + 1)
     return heads.eval()
+
+
+def save_atomically(state: object, path: Path) -> None:
+    """``torch.save`` to a temporary file renamed into place: a killed run never leaves half a file."""
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def save_checkpoint(folder: Path, heads: BinaryHeads, optimizer, schedule, step: int) -> None:
+    """The heads, then the training state; the training state is written last, so its presence marks a
+    complete checkpoint."""
+    heads.save(folder)
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "rng": torch.get_rng_state(),
+    }
+    save_atomically(state, folder / CHECKPOINT_STATE)
+
+
+def load_checkpoint(folder: str | Path, heads: BinaryHeads, optimizer, schedule) -> int:
+    """Restore a checkpoint written by ``save_checkpoint`` into ``heads``, ``optimizer`` and ``schedule`` and the
+    random state; returns its step."""
+    path = Path(folder) / CHECKPOINT_STATE
+    saved = BinaryHeads.load(folder)
+    if saved is None or not path.is_file():
+        raise UserError(f"{folder}: not a complete head-only checkpoint (it needs binary_heads/ and {path.name})")
+    try:
+        heads.load_state_dict(saved.state_dict())
+    except RuntimeError:
+        raise UserError(f"{folder}: its heads differ from the recipe's binary section (dims, bits or hidden)") from None
+    state = torch.load(path, weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    torch.set_rng_state(state["rng"])
+    logger.info("binary heads: resumed from %s at step %d", folder, state["step"])
+    return state["step"]
 
 
 def _cells(layers: dict[int, Tensor], rows: Tensor, grid: Grid) -> dict[Cell, Tensor]:

@@ -97,6 +97,9 @@ class LossConfig:
     ``full_weight`` x the full cell's InfoNCE + ``dims_weight`` x the mean over the last layer's smaller
     dims + ``layers_weight`` x the mean over the earlier-layer cells + ``kl_weight`` x the mean KL of each
     cell to the full cell. ``contrastive_weight: 0`` turns this term off (label-free distillation).
+    ``mini_batch_size``: gradient caching (``trainer.train.losses.elastic.ElasticLoss``): batches larger than
+    this are embedded this many texts at a time, so memory stays that of this size whatever the batch size;
+    null (default) embeds each column of the batch at once.
     """
 
     type: Literal["starbucks", "2dmse", "grid"] = "starbucks"
@@ -115,6 +118,7 @@ class LossConfig:
     n_layers_per_step: int = 1
     n_dims_per_step: int = 1
     seed: int = 42
+    mini_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.type not in LOSS_TYPES:
@@ -128,6 +132,9 @@ class LossConfig:
         for name in ("n_layers_per_step", "n_dims_per_step"):
             if getattr(self, name) < 1:
                 raise UserError(f"loss.{name}: must be >= 1, got {getattr(self, name)}")
+        size = self.mini_batch_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise UserError(f"loss.mini_batch_size: {size!r} is not valid; give a positive integer or null")
 
     def grid(self, num_layers: int, embedding_dim: int) -> Grid:
         """The cells to train, checked against the model's depth and width."""

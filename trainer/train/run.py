@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -10,10 +12,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from datasets import Dataset, DatasetDict
-from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from torch import nn
-from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import TrainerCallback, set_seed
 
 from trainer.binary.heads import BinaryHeads
 from trainer.cell_vectors import embedding_dim, num_layers
@@ -21,6 +22,7 @@ from trainer.errors import UserError
 from trainer.grid import Cell, CellSelection, Grid
 from trainer.manifest import write_manifest
 from trainer.train.data import load_sources, text_columns
+from trainer.train.head_only import CHECKPOINT_STATE, train_heads_only
 from trainer.train.losses import ElasticLoss, InfoNCELoss, Matryoshka2dLoss
 from trainer.train.losses.binary import BinaryCodeLoss, EmbeddingToEmbeddingLoss
 from trainer.train.losses.distill import DistillationLoss
@@ -29,31 +31,46 @@ from trainer.train.summary import log_summary, run_summary
 
 logger = logging.getLogger(__name__)
 
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+SELECTION_FILE = "cell_selection.json"
 
 
 def resolve_resume(recipe: Recipe) -> str | None:
-    """``resume_from_checkpoint``: a checkpoint folder, or ``true`` for the latest one in output_dir."""
+    """``resume_from_checkpoint``: a checkpoint folder, or ``true`` for the latest complete one in output_dir."""
     resume = recipe.training.get("resume_from_checkpoint")
     if resume in (None, False, "", "false", "False"):
         return None
     if resume in (True, "true", "True"):
-        last = get_last_checkpoint(str(recipe.output_dir)) if recipe.output_dir.is_dir() else None
+        last = last_complete_checkpoint(recipe)
         if last is None:
-            raise UserError(f"training.resume_from_checkpoint: no checkpoint-* folder in {str(recipe.output_dir)!r}")
+            raise UserError(
+                f"training.resume_from_checkpoint: no complete checkpoint-* folder in {str(recipe.output_dir)!r}"
+            )
         return last
     if not Path(resume).is_dir():
         raise UserError(f"training.resume_from_checkpoint: {resume!r} is not a checkpoint folder")
     return str(resume)
 
 
-def prepare_output_dir(recipe: Recipe, resume: str | None) -> None:
-    """Never overwrite a run silently: a non-empty output_dir needs a resume or an explicit overwrite."""
+def last_complete_checkpoint(recipe: Recipe) -> str | None:
+    """The newest ``checkpoint-<step>`` folder of output_dir whose saving finished, i.e. that holds the file
+    written into it last (the cell selection's state; head-only training's state). A run killed while saving
+    leaves its newest folder incomplete; that one is skipped with a warning."""
+    head_only = recipe.binary is not None and recipe.binary.mode == "head-only"
+    marker = CHECKPOINT_STATE if head_only else SELECTION_FILE
+    folders = [f for f in recipe.output_dir.glob("checkpoint-*") if f.name.split("-", 1)[1].isdigit()]
+    for folder in sorted(folders, key=lambda f: int(f.name.split("-", 1)[1]), reverse=True):
+        if (folder / marker).is_file():
+            return str(folder)
+        logger.warning("%s is incomplete (the run stopped while saving it); an earlier checkpoint is used", folder)
+    return None
+
+
+def prepare_output_dir(recipe: Recipe, resume: str | None, is_main_process: bool = True) -> None:
+    """Never overwrite a run silently: a non-empty output_dir needs a resume or an explicit overwrite (checked,
+    and acted on, by the main process)."""
     out = recipe.output_dir
     overwrite = recipe.training.get("overwrite_output_dir") in (True, "true", "True")
-    if resume or not out.is_dir() or not any(out.iterdir()) or not is_main_process():
+    if resume or not out.is_dir() or not any(out.iterdir()) or not is_main_process:
         return
     if not overwrite:
         raise UserError(
@@ -105,24 +122,27 @@ def build_loss(recipe: Recipe, model: SentenceTransformer, grid: Grid, teacher_d
             distill.relative_weight,
             distill.margin,
             distill.relative_max_pairs,
+            config.gather_across_devices,
         )
     if heads is None:
-        return ElasticLoss(model, selection, terms)
-    return ElasticLoss(model, selection, terms, heads, tuple(recipe.binary.bits), recipe.binary.encoder_grad)
+        return ElasticLoss(model, selection, terms, mini_batch_size=config.mini_batch_size)
+    bits, encoder_grad = tuple(recipe.binary.bits), recipe.binary.encoder_grad
+    return ElasticLoss(model, selection, terms, heads, bits, encoder_grad, config.mini_batch_size)
 
 
 class LossStateCallback(TrainerCallback):
-    """Keeps the loss's own trainable state (binarization heads, distillation projection) with the model.
+    """Keeps the loss's own state with the model: its trainable terms (binarization heads, distillation
+    projection) and the random state of the cell selection (``2dmse`` sampling).
 
-    Each term with ``save_pretrained`` is saved into every checkpoint and the final output_dir. Under
-    DDP those parameters live outside the wrapped model, so their gradients are averaged over processes
-    here before each optimizer step.
+    Each term with ``save_pretrained`` is saved into every checkpoint and the final output_dir; the cell
+    selection's state into every checkpoint (``cell_selection.json``), so a resumed run samples the cells an
+    uninterrupted one would. Under DDP the loss's parameters live outside the wrapped model, so their
+    gradients are averaged over processes here before each optimizer step.
     """
 
     def __init__(self, loss: ElasticLoss) -> None:
         self.loss = loss
-        model_params = {id(p) for p in loss.model.parameters()}
-        self.own_params = [p for p in loss.parameters() if id(p) not in model_params and p.requires_grad]
+        self.own_params = loss.own_parameters()
 
     def stateful_terms(self) -> list[nn.Module]:
         return [term for term in self.loss.terms.values() if hasattr(term, "save_pretrained")]
@@ -134,6 +154,11 @@ class LossStateCallback(TrainerCallback):
     def load(self, folder: str | Path) -> None:
         for term in self.stateful_terms():
             term.load_state(folder)
+        selection = Path(folder) / SELECTION_FILE
+        if selection.is_file():
+            self.loss.selection.load_state_dict(json.loads(selection.read_text()))
+        elif self.loss.selection.mode == "2dmse":
+            raise UserError(f"{selection}: missing; cannot resume the 2dmse cell sampling of this checkpoint")
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.own_params and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -143,7 +168,25 @@ class LossStateCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            self.save(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            self.save(checkpoint)
+            (checkpoint / SELECTION_FILE).write_text(json.dumps(self.loss.selection.state_dict()))
+
+
+def check_launch(args: SentenceTransformerTrainingArguments) -> None:
+    """Refuse processes that ``accelerate launch`` started but that would not train together: with a launch
+    config for devices the machine lacks (FSDP or multi-GPU on a CPU machine, without ACCELERATE_USE_CPU),
+    accelerate gives each process a run of its own, and all would write the same output_dir. FSDP asked for on
+    CPU runs as plain DDP over gloo (accelerate shards only on accelerators), which is said once."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and args.world_size == 1:
+        raise UserError(
+            f"accelerate launch: {launched} processes started but the launch config needs a device this machine "
+            "lacks, so each would train alone; on CPU launch with ACCELERATE_USE_CPU=true (DDP over gloo), e.g. "
+            "--config_file configs/accelerate/cpu-2proc.yaml"
+        )
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and args.device.type == "cpu":
+        logger.warning("accelerate launch: FSDP does not shard on CPU; the processes train with DDP over gloo")
 
 
 def load_model(recipe: Recipe) -> SentenceTransformer:
@@ -156,14 +199,15 @@ def load_model(recipe: Recipe) -> SentenceTransformer:
 
 def train(recipe: Recipe) -> SentenceTransformerTrainer:
     resume = resolve_resume(recipe)
-    prepare_output_dir(recipe, resume)
+    args = training_arguments(recipe.training)  # sets up the processes of `accelerate launch`
+    check_launch(args)
+    prepare_output_dir(recipe, resume, args.distributed_state.is_main_process)
     train_data = load_sources(recipe.data.train, "data.train")
     eval_data = load_sources(recipe.data.eval, "data.eval") if recipe.data.eval else None
     model = load_model(recipe)
     grid = recipe.loss.grid(num_layers(model), embedding_dim(model))
     if recipe.binary is not None and recipe.binary.mode == "head-only":
-        return train_heads_from_recipe(recipe, model, grid, train_data)
-    args = training_arguments(recipe.training)
+        return train_heads_from_recipe(recipe, model, grid, train_data, resume)
     teacher_width = None
     if recipe.distill is not None:
         with args.main_process_first(desc="teacher embeddings"):
@@ -171,6 +215,7 @@ def train(recipe: Recipe) -> SentenceTransformerTrainer:
             eval_data = label_with_teacher(eval_data, recipe) if eval_data else None
         first = next(iter(train_data.values())) if isinstance(train_data, DatasetDict) else train_data
         teacher_width = len(first[0]["label"][0])
+    set_seed(args.seed)  # the loss's own parameters (heads, projection) start the same in every run with this seed
     loss = build_loss(recipe, model, grid, teacher_width)
     if args.process_index == 0:
         log_summary(run_summary(recipe, grid, loss, train_data, num_layers(model), embedding_dim(model)))
@@ -223,11 +268,12 @@ def label_with_teacher(data: Dataset | DatasetDict, recipe: Recipe) -> Dataset |
     return DatasetDict({name: label(d) for name, d in data.items()}) if isinstance(data, DatasetDict) else label(data)
 
 
-def train_heads_from_recipe(recipe: Recipe, model: SentenceTransformer, grid: Grid, data) -> None:
+def train_heads_from_recipe(
+    recipe: Recipe, model: SentenceTransformer, grid: Grid, data, resume: str | None = None
+) -> None:
     """Head-only mode: the encoder stays frozen; its texts train the binarization heads (trainer.train.head_only).
-    The output folder is a full checkpoint: the unchanged model, its heads and the manifest."""
-    from trainer.train.head_only import train_heads_only
-
+    The output folder is a full checkpoint: the unchanged model, its heads and the manifest. Checkpoints
+    follow the training arguments ``save_strategy`` and ``save_steps`` (a fraction of ``binary.steps`` when < 1)."""
     datasets = data.values() if isinstance(data, DatasetDict) else [data]
     texts, pairs = [], []
     for dataset in datasets:
@@ -238,7 +284,11 @@ def train_heads_from_recipe(recipe: Recipe, model: SentenceTransformer, grid: Gr
     log_summary(run_summary(recipe, grid, None, data, num_layers(model), embedding_dim(model)))
     recipe.output_dir.mkdir(parents=True, exist_ok=True)
     model.save(str(recipe.output_dir))
-    heads = train_heads_only(model, texts, pairs, grid, recipe.binary, recipe.output_dir)
+    save_steps = recipe.training.get("save_steps", 500)
+    save_steps = save_steps if save_steps >= 1 else math.ceil(save_steps * recipe.binary.steps)
+    if recipe.training.get("save_strategy", "steps") == "no":
+        save_steps = None
+    heads = train_heads_only(model, texts, pairs, grid, recipe.binary, recipe.output_dir, save_steps, resume)
     binary = recipe.binary
     loss = EmbeddingToEmbeddingLoss(heads, binary.bits, binary.scale, binary.kl_weight, binary.kl_temperature)
     write_manifest(recipe, grid, model, loss=loss)

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from trainer.errors import UserError
 from trainer.train.losses.elastic import CellBatch, group_mean
+from trainer.train.losses.infonce import gather_rows
 
 PROJECTION_FOLDER = "distill_projection"
 
@@ -50,23 +51,37 @@ def cosine_loss(student: Tensor, teacher: Tensor) -> Tensor:
     return (1 - (F.normalize(student, dim=-1) * F.normalize(teacher, dim=-1)).sum(dim=-1)).mean()
 
 
-def similarity_loss(student: Tensor, teacher: Tensor) -> Tensor:
-    """``MSE(S S^T, T T^T)`` of unit (N, d_s) student and (N, d_t) teacher vectors; the widths may differ."""
-    return F.mse_loss(student @ student.T, teacher @ teacher.T)
+def similarity_loss(
+    student: Tensor, teacher: Tensor, all_student: Tensor | None = None, all_teacher: Tensor | None = None
+) -> Tensor:
+    """``MSE(S S^T, T T^T)`` of unit (N, d_s) student and (N, d_t) teacher vectors; the widths may differ.
+
+    With ``all_student`` and ``all_teacher`` (the rows of every process, these included) it compares this
+    process's rows with all rows, ``MSE(S A^T, T B^T)``; with equal row counts, the mean over processes is
+    the loss of the concatenated batch.
+    """
+    all_student = student if all_student is None else all_student
+    all_teacher = teacher if all_teacher is None else all_teacher
+    return F.mse_loss(student @ all_student.T, teacher @ all_teacher.T)
 
 
 def relative_similarity_loss(student: Tensor, teacher: Tensor, margin: float, max_pairs: int | None = None) -> Tensor:
     """Mean hinge ``max(0, s_m.s_n - s_i.s_j + margin)`` over pairs of pairs the teacher orders ``t_i.t_j > t_m.t_n``.
 
     The P = N(N-1)/2 text pairs i < j of the batch are listed once; all P x P comparisons are then one
-    broadcast (P = 496, P^2 ~ 246k for N = 32). When P exceeds ``max_pairs`` a uniform random subset of
-    ``max_pairs`` pairs is compared instead (an unbiased estimate of the same mean, memory O(max_pairs^2)).
-    Returns 0 when no pair is strictly ordered by the teacher.
+    broadcast (P = 496, P^2 ~ 246k for N = 32). When P exceeds ``max_pairs``, ``max_pairs`` pairs drawn
+    uniformly at random are compared instead (an estimate of the same mean); they are drawn without listing
+    all P pairs, so memory is O(max_pairs^2) whatever the batch size. Returns 0 when no pair is strictly
+    ordered by the teacher.
     """
-    rows, cols = torch.triu_indices(len(student), len(student), offset=1, device=student.device)
-    if max_pairs is not None and len(rows) > max_pairs:
-        keep = torch.randperm(len(rows), device=student.device)[:max_pairs]
-        rows, cols = rows[keep], cols[keep]
+    n = len(student)
+    if max_pairs is not None and n * (n - 1) // 2 > max_pairs:
+        first = torch.randint(n, (max_pairs,), device=student.device)
+        second = torch.randint(n - 1, (max_pairs,), device=student.device)
+        second = second + (second >= first)  # uniform over the other n - 1 texts
+        rows, cols = torch.minimum(first, second), torch.maximum(first, second)
+    else:
+        rows, cols = torch.triu_indices(n, n, offset=1, device=student.device)
     student_sims = (student[rows] * student[cols]).sum(dim=-1)
     teacher_sims = (teacher[rows] * teacher[cols]).sum(dim=-1)
     ordered = teacher_sims[:, None] > teacher_sims[None, :]  # [p, q]: the teacher ranks pair p above pair q
@@ -87,6 +102,11 @@ class DistillationLoss(nn.Module):
     losses also apply to every code in ``batch.codes`` (``sim/L4-D128-B1``), against the same full-size
     teacher similarities. Components are named ``cos/<cell>``, ``sim/<cell>`` and ``rel/<cell>``, each scaled
     by its group's ``weight / n``. Defaults are the paper's 10 / 200 / 20 and margin 0.015.
+
+    ``gather_across_devices``: in distributed training the in-batch similarities span the texts of every
+    process (``trainer.train.losses.infonce.gather_rows``): the similarity loss compares this process's
+    texts with all texts, the relative loss ranks pairs drawn from all texts; averaged over processes, both
+    are the losses of the concatenated batch (the relative loss exactly while its pairs are not subsampled).
     """
 
     citation = """@article{zhang2024jasper,
@@ -105,6 +125,7 @@ class DistillationLoss(nn.Module):
         relative_weight: float = 20.0,
         margin: float = 0.015,
         relative_max_pairs: int | None = 2048,
+        gather_across_devices: bool = False,
     ) -> None:
         super().__init__()
         self.student_dim, self.teacher_dim = student_dim, teacher_dim
@@ -114,6 +135,7 @@ class DistillationLoss(nn.Module):
             relative_weight,
         )
         self.margin, self.relative_max_pairs = margin, relative_max_pairs
+        self.gather_across_devices = gather_across_devices
         self.projection = TeacherProjection(student_dim, teacher_dim) if student_dim != teacher_dim else None
 
     def teacher_vectors(self, labels: Tensor | None, n_columns: int) -> Tensor:
@@ -141,14 +163,16 @@ class DistillationLoss(nn.Module):
             losses[f"cos/{batch.full.name2d}"] = self.cosine_weight * cosine_loss(projected, teacher)
         cells = [(cell.name2d, columns) for cell, columns in batch.embeddings.items()]
         cells += [(str(cell), columns) for cell, columns in batch.codes.items()]
+        all_teacher = gather_rows(teacher)[0] if self.gather_across_devices else teacher
         similarity, relative = {}, {}
         for name, columns in cells:
             student = torch.cat(columns)
+            all_student = gather_rows(student)[0] if self.gather_across_devices else student
             if self.similarity_weight:
-                similarity[f"sim/{name}"] = similarity_loss(student, teacher)
+                similarity[f"sim/{name}"] = similarity_loss(student, teacher, all_student, all_teacher)
             if self.relative_weight:
                 relative[f"rel/{name}"] = relative_similarity_loss(
-                    student, teacher, self.margin, self.relative_max_pairs
+                    all_student, all_teacher, self.margin, self.relative_max_pairs
                 )
         return {
             **losses,
@@ -164,6 +188,7 @@ class DistillationLoss(nn.Module):
             "relative_weight": self.relative_weight,
             "margin": self.margin,
             "relative_max_pairs": self.relative_max_pairs,
+            "gather_across_devices": self.gather_across_devices,
         }
 
     def save_pretrained(self, directory: str | Path) -> None:

@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+from sentence_transformers.util import all_gather, all_gather_with_grad, get_rank, get_world_size
 from torch import Tensor, nn
 
 
-def gather_with_grad(tensor: Tensor) -> tuple[Tensor, int]:
-    """Concatenate ``tensor`` from every process (gradients flow back to each local copy); returns the
-    result and the offset of this process's rows in it. Without torch.distributed: ``(tensor, 0)``."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+def gather_rows(tensor: Tensor) -> tuple[Tensor, int]:
+    """The rows of ``tensor`` from every process, in rank order (gradients flow back to each process's own
+    rows, ``sentence_transformers.util.all_gather_with_grad``), and the offset of this process's rows in
+    them. Processes may hold different numbers of rows (e.g. a last, shorter batch): those are padded for
+    the gather and the padding dropped. Without torch.distributed: ``(tensor, 0)``."""
+    if get_world_size() == 1:
         return tensor, 0
-    import torch.distributed.nn.functional as dist_fn
-
-    gathered = torch.cat(dist_fn.all_gather(tensor.contiguous()), dim=0)
-    return gathered, dist.get_rank() * tensor.shape[0]
+    sizes = all_gather(torch.tensor([tensor.shape[0]], device=tensor.device)).tolist()
+    rank, longest = get_rank(), max(sizes)
+    if min(sizes) == longest:
+        return all_gather_with_grad(tensor.contiguous()), rank * longest
+    padding = tensor.new_zeros(longest - tensor.shape[0], *tensor.shape[1:])
+    gathered = all_gather_with_grad(torch.cat([tensor, padding]).contiguous())
+    rows = torch.cat([torch.arange(r * longest, r * longest + n, device=tensor.device) for r, n in enumerate(sizes)])
+    return gathered[rows], sum(sizes[:rank])
 
 
 def score_kl(target_scores: Tensor, scores: Tensor, temperature: float = 1.0) -> Tensor:
@@ -47,7 +53,7 @@ class InfoNCELoss(nn.Module):
         self.gather_across_devices = gather_across_devices
 
     def _gather(self, tensor: Tensor) -> tuple[Tensor, int]:
-        return gather_with_grad(tensor) if self.gather_across_devices else (tensor, 0)
+        return gather_rows(tensor) if self.gather_across_devices else (tensor, 0)
 
     def scores(self, anchors: Tensor, candidates: list[Tensor]) -> tuple[Tensor, Tensor]:
         """Scaled scores (N, M) of anchors against every candidate, and the column of each positive."""
