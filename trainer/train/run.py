@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -17,14 +18,16 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from trainer.binary.heads import BinaryHeads
 from trainer.cell_vectors import embedding_dim, num_layers
+from trainer.decoder import column_prompts, decoder_embedder, needs_decoder_modules
 from trainer.errors import UserError
 from trainer.grid import Cell, CellSelection, Grid
+from trainer.lora import add_lora
 from trainer.manifest import write_manifest
 from trainer.train.data import load_sources, text_columns
 from trainer.train.losses import ElasticLoss, InfoNCELoss, Matryoshka2dLoss
 from trainer.train.losses.binary import BinaryCodeLoss
 from trainer.train.losses.distill import DistillationLoss
-from trainer.train.recipe import Recipe, load_recipe
+from trainer.train.recipe import ModelConfig, Recipe, load_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -144,11 +147,21 @@ class LossStateCallback(TrainerCallback):
             self.save(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
 
-def load_model(recipe: Recipe) -> SentenceTransformer:
-    config = recipe.model
-    model = SentenceTransformer(config.name, revision=config.revision, trust_remote_code=config.trust_remote_code)
+def load_model(config: ModelConfig) -> SentenceTransformer:
+    """The student: a sentence-transformers model, or a last-token embedder of a plain decoder LLM
+    (``trainer.decoder``); with the recipe's prompts, and LoRA adapters when ``model.lora`` is set."""
+    if Path(config.name).is_dir():  # absolute, so that adapter checkpoints find their base model from anywhere
+        config = dataclasses.replace(config, name=str(Path(config.name).resolve()))
+    if needs_decoder_modules(config):
+        model = decoder_embedder(config)
+    else:
+        model = SentenceTransformer(config.name, revision=config.revision, trust_remote_code=config.trust_remote_code)
     if config.max_seq_length:
         model.max_seq_length = config.max_seq_length
+    if config.prompts is not None:
+        model.prompts = {**model.prompts, **config.prompts}
+    if config.lora is not None:
+        add_lora(model, config.lora)
     return model
 
 
@@ -157,12 +170,15 @@ def train(recipe: Recipe) -> SentenceTransformerTrainer:
     prepare_output_dir(recipe, resume)
     train_data = load_sources(recipe.data.train, "data.train")
     eval_data = load_sources(recipe.data.eval, "data.eval") if recipe.data.eval else None
-    model = load_model(recipe)
+    model = load_model(recipe.model)
     grid = recipe.loss.grid(num_layers(model), embedding_dim(model))
     if recipe.binary is not None and recipe.binary.mode == "head-only":
         return train_heads_from_recipe(recipe, model, grid, train_data)
     training = {k: v for k, v in recipe.training.items() if k not in ("overwrite_output_dir", "resume_from_checkpoint")}
     args = SentenceTransformerTrainingArguments(**training)
+    if not args.prompts:  # train with the prompts evaluation and serving use
+        parts = train_data.values() if isinstance(train_data, DatasetDict) else [train_data]
+        args.prompts = column_prompts(model, sorted({c for part in parts for c in text_columns(part)})) or None
     teacher_width = None
     if recipe.distill is not None:
         with args.main_process_first(desc="teacher embeddings"):
