@@ -13,7 +13,7 @@ import torch.distributed as dist
 from datasets import Dataset, DatasetDict
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from torch import nn
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerControl, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from trainer.binary.heads import BinaryHeads
@@ -142,9 +142,17 @@ class LossStateCallback(TrainerCallback):
                 if param.grad is not None:
                     dist.all_reduce(param.grad, op=dist.ReduceOp.AVG)
 
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
+    def on_step_end(self, args, state, control, **kwargs):
+        """A checkpoint due now gets the loss state before the Trainer writes its trainer_state.json, so that a run
+        killed while saving never leaves a checkpoint that looks complete but lacks the heads."""
+        if control.should_save and state.is_world_process_zero:
             self.save(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+    on_epoch_end = on_step_end
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.save_strategy == "best":  # decided only when the Trainer saves
+            self.on_step_end(args, state, TrainerControl(should_save=True))
 
 
 def load_model(config: ModelConfig) -> SentenceTransformer:
@@ -170,6 +178,7 @@ def train(recipe: Recipe) -> SentenceTransformerTrainer:
     prepare_output_dir(recipe, resume)
     train_data = load_sources(recipe.data.train, "data.train")
     eval_data = load_sources(recipe.data.eval, "data.eval") if recipe.data.eval else None
+    set_seed(recipe.training.get("seed", 42))  # before the randomly initialised adapters and heads, as HF examples do
     model = load_model(recipe.model)
     grid = recipe.loss.grid(num_layers(model), embedding_dim(model))
     if recipe.binary is not None and recipe.binary.mode == "head-only":
