@@ -31,6 +31,7 @@ from trainer.serve.publish import publish
 from trainer.train.losses import ElasticLoss, InfoNCELoss, Matryoshka2dLoss
 from trainer.train.recipe import ModelConfig, load_recipe, parse_recipe
 from trainer.train.run import load_model, train
+from trainer.train.teacher import load_teacher
 
 TEXTS = ["lift of a wing", "boundary layer transition at high speed over a flat plate", "heat", "shock tubes"]
 SHORT_PROMPTS = {"query": "Query: ", "document": ""}
@@ -84,9 +85,12 @@ def recipe_dict(decoder_path, pairs, out, **training) -> dict:
 
 @pytest.fixture(scope="module")
 def trained(decoder_path, pairs, tmp_path_factory):
-    """A LoRA run of 2 steps with activation checkpointing; its output folder holds adapters, heads, manifest."""
+    """A LoRA run of 2 steps with every term (2D cells, 1-bit heads, distillation from the starting weights) and
+    activation checkpointing; its output folder holds adapters, heads, manifest."""
     out = tmp_path_factory.mktemp("lora-run") / "run"
-    trainer = train(parse_recipe(recipe_dict(decoder_path, pairs, out, activation_checkpointing=True)))
+    raw = recipe_dict(decoder_path, pairs, out, activation_checkpointing=True)
+    raw["distill"] = {"teacher": "self", "cache_dir": str(out.parent / "teacher-cache")}
+    trainer = train(parse_recipe(raw))
     return trainer, out
 
 
@@ -126,6 +130,14 @@ def test_a_decoder_with_its_own_sentence_transformers_config_is_used_as_is(decod
     model = load_model(config)
     assert model.prompts == {**prompts, "nli": "Instruct: retrieve entailed text\nQuery: "}
     assert model.tokenizer("ab")["input_ids"] == [64, 65]  # its tokenizer as it is: no EOS added
+
+
+def test_a_plain_decoder_teacher_is_a_last_token_embedder(decoder_path, embedder_path):
+    """The ``self`` teacher of a decoder student embeds texts as the student does at the start."""
+    teacher = load_teacher(str(decoder_path), max_seq_length=32)
+    student = SentenceTransformer(str(embedder_path), device="cpu")
+    assert teacher[1].pooling_mode == "lasttoken"
+    np.testing.assert_allclose(teacher.encode(TEXTS), student.encode(TEXTS), atol=1e-5)
 
 
 def test_training_columns_get_the_query_and_document_prompts(decoder_path):
@@ -198,6 +210,8 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(decoder_path):
 
 def test_lora_training_trains_adapters_only_and_checkpoints_them(trained, decoder_path):
     trainer, out = trained
+    logged = {name for entry in trainer.state.log_history for name in entry}
+    assert {"loss/L2-D32", "bin/L2-D32-B1", "cos/L4-D64", "sim/L2-D32", "rel/L2-D32-B1"} <= logged
     assert trainer.args.activation_checkpointing and trainer.model[0].auto_model.is_activation_checkpointing
     assert trainer.args.prompts == {"anchor": "Query: "}  # the model's query prompt, documents have none
     for folder in (out, out / "checkpoint-1", out / "checkpoint-2"):

@@ -62,7 +62,9 @@ def decoder_embedder(model: ModelConfig) -> SentenceTransformer:
         settings |= {"add_eos_token": True, "add_bos_token": plain[0] == tokenizer.bos_token_id}
     if tokenizer.pad_token is None:
         settings["pad_token"] = tokenizer.eos_token
-    transformer = Transformer(model.name, processor_kwargs={**loading, **settings}, config_kwargs=loading)
+    transformer = Transformer(
+        model.name, model_kwargs=loading, processor_kwargs={**loading, **settings}, config_kwargs=loading
+    )
     ids = transformer.tokenizer("x")["input_ids"]
     if ids[-1] != tokenizer.eos_token_id or ids[:-1] != [i for i in plain if i != tokenizer.eos_token_id]:
         raise UserError(f"model.name: cannot make the tokenizer of {model.name!r} append its EOS token (got {ids})")
