@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 RUN ?= runs/demo
 
-BENCHES := train-step train-memory train-batch grid-eval binary-search early-exit flagship
+BENCHES := train-step train-memory train-batch grid-eval binary-search early-exit flagship decoder-memory
 
 .PHONY: install models demo test test-fast lint format bench bench-smoke clean $(addprefix bench-,$(BENCHES))
 
@@ -64,6 +64,8 @@ bench-early-exit: models
 	PYTHONPATH=. $(BIN)/python bench/early_exit.py
 bench-flagship: models
 	PYTHONPATH=. $(BIN)/python bench/flagship.py
+bench-decoder-memory: $(STAMP)
+	PYTHONPATH=. $(BIN)/python bench/decoder_memory.py
 
 clean:
 	rm -rf $(VENV) runs results .pytest_cache

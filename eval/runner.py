@@ -37,7 +37,7 @@ from trainer.errors import UserError
 from trainer.grid import Cell, Grid
 from trainer.serve.checkpoint import resolve_model
 
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors")  # adapters: LoRA checkpoints
 CODE_SOURCES = ("trained", "sign")
 
 

@@ -21,7 +21,7 @@ def recorded(name: str) -> dict:
     return json.loads((REPO / "bench" / "results" / f"{name}-smoke.json").read_text())
 
 
-@pytest.mark.parametrize("name", ["binary_search", "early_exit", "train_step"])
+@pytest.mark.parametrize("name", ["binary_search", "early_exit", "train_step", "decoder_memory"])
 def test_benchmark_smoke_runs_and_records_provenance(name):
     smoke(name)
     payload = recorded(name)

@@ -132,9 +132,15 @@ def layer_embeddings(
     depth = num_layers(model)
     if layers[0] < 1 or layers[-1] > depth:
         raise ValueError(f"layers {layers} are not exits of a model with {depth} blocks")
+    if layers == [depth]:  # the model's own output; no hidden states (see below)
+        return {depth: (forward or model)(dict(features))["sentence_embedding"]}
+    # transformers installs its hidden-state hooks on the blocks present at the first call that asks for them,
+    # so a truncated model (early_exit) must never ask: later full passes would miss the dropped blocks' states.
     with hidden_states_enabled(model):
         output = (forward or model)(dict(features))
     hidden = output["all_layer_embeddings"]
+    if len(hidden) != depth + 1:
+        raise RuntimeError(f"the model returned {len(hidden)} hidden states for {depth} blocks")
     norm = final_norm(model)
     after_transformer = list(model.children())[1:]
     result: dict[int, Tensor] = {}

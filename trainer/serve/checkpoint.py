@@ -13,6 +13,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from trainer.errors import UserError
+from trainer.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -32,8 +33,11 @@ def check_model_folder(folder: str | Path, key: str = "model") -> Path:
                 json.loads((folder / name).read_text(encoding="utf-8"))
             except (ValueError, UnicodeDecodeError) as error:
                 raise UserError(f"{key}: {folder / name} is not valid JSON ({error})") from None
-    weights = folder / "model.safetensors"
-    if weights.is_file():
+    if (folder / ADAPTER_CONFIG).is_file():
+        check_adapter_base(folder, key)
+    for weights in (folder / "model.safetensors", folder / ADAPTER_WEIGHTS):
+        if not weights.is_file():
+            continue
         try:
             with safe_open(str(weights), "pt") as handle:
                 names = list(handle.keys())
@@ -45,9 +49,21 @@ def check_model_folder(folder: str | Path, key: str = "model") -> Path:
             raise UserError(
                 f"{key}: {weights} is truncated ({weights.stat().st_size} bytes); re-save or re-download it"
             )
-    elif (folder / "config.json").is_file() and not any((folder / name).is_file() for name in WEIGHT_FILES):
+    if (folder / "config.json").is_file() and not any((folder / name).is_file() for name in WEIGHT_FILES):
         raise UserError(f"{key}: {folder} has no model weights ({' or '.join(WEIGHT_FILES)})")
     return folder
+
+
+def check_adapter_base(folder: Path, key: str) -> None:
+    """A LoRA checkpoint (``trainer.lora``) needs its adapter weights and the base model its config names."""
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        raise UserError(f"{key}: {folder} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}")
+    base = json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base or (base.startswith((".", "/", "~")) and not Path(base).expanduser().is_dir()):
+        raise UserError(
+            f"{key}: the LoRA adapters in {folder} need their base model {base!r} ({ADAPTER_CONFIG}), which is not "
+            "there; restore it, or point base_model_name_or_path at a copy"
+        )
 
 
 def _declared_size(weights: Path) -> int:

@@ -4,9 +4,9 @@ The exported model computes the cell's vector exactly as ``trainer.cell_vectors`
 after ``cell.layers`` are physically removed (``num_hidden_layers`` updated; a pre-norm model keeps its final
 norm, which then follows the cell's last block), the model's own modules pool, a bias-free ``Dense`` whose
 weight is the identity on the first ``cell.dim`` dims copies them exactly and ``Normalize`` re-normalises;
-``truncate_dim`` is set to match. A float cell therefore loads with a plain ``SentenceTransformer(dir)``.
-A binary cell adds a ``BinaryCodeHead`` that outputs the code's float form (cosine of float forms is the
-code score), which needs ``trust_remote_code=True``.
+``truncate_dim`` is set to match. LoRA adapters (``trainer.lora``) are merged into the weights first. A float
+cell therefore loads with a plain ``SentenceTransformer(dir)``. A binary cell adds a ``BinaryCodeHead`` that
+outputs the code's float form (cosine of float forms is the code score), which needs ``trust_remote_code=True``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from trainer.binary.module import BinaryCodeHead
 from trainer.cell_vectors import code_heads, embedding_dim, keep_layers
 from trainer.errors import UserError
 from trainer.grid import Cell
+from trainer.lora import has_lora, merge_lora
 from trainer.outputs import check_writable_folder
 from trainer.serve.checkpoint import model_shape, resolve_model
 from trainer.serve.model import load
@@ -55,6 +56,8 @@ def export_cell(checkpoint: str | Path, cell: str | Cell, out: str | Path, overw
     cell = elastic.check_cell(cell)
     steps.update()
     model = elastic.model
+    if has_lora(model):
+        merge_lora(model)
     keep_layers(model, cell.layers)
     modules = [*model.children(), *prefix_modules(embedding_dim(model), cell.dim)]
     if not cell.is_float:

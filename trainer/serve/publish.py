@@ -2,8 +2,9 @@
 
 ``publish`` checks the checkpoint, stages exactly the files to upload (model, heads, manifest with the
 servable cells, grid.json, Pareto plots, README.md model card) and uploads them in one commit with
-``HfApi.upload_folder``. The token comes from the usual places (``HF_TOKEN``, ``hf auth login``) through
-huggingface_hub and is never printed or written. ``dry_run`` writes the staged files to a folder and uploads nothing.
+``HfApi.upload_folder``; LoRA adapters (``trainer.lora``) are merged into plain weights that load without
+peft. The token comes from the usual places (``HF_TOKEN``, ``hf auth login``) through huggingface_hub and is
+never printed or written. ``dry_run`` writes the staged files to a folder and uploads nothing.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from typing import Any
 
 from huggingface_hub import HfApi
 from huggingface_hub.utils import HFValidationError, validate_repo_id
+from sentence_transformers import SentenceTransformer
 
 from trainer.binary.heads import HEADS_FOLDER, BinaryHeads
 from trainer.cell_vectors import code_heads
 from trainer.errors import UserError
 from trainer.grid import Cell, parse_cells
+from trainer.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter_checkpoint, merge_lora
 from trainer.manifest import MANIFEST_NAME, read_manifest
 from trainer.outputs import check_writable_folder
 from trainer.serve.card import render_card
@@ -47,11 +50,12 @@ def check_checkpoint(folder: Path) -> dict[str, Any]:
     manifest = read_manifest(folder)
     if manifest is None:
         raise UserError(f"checkpoint: {folder} has no {MANIFEST_NAME}; publish a folder written by `trainer train`")
-    weights = folder / "model.safetensors"
+    adapters = is_adapter_checkpoint(folder)
+    weights = folder / (ADAPTER_WEIGHTS if adapters else "model.safetensors")
     if not weights.is_file():
-        raise UserError(f"checkpoint: {folder} has no model.safetensors")
+        raise UserError(f"checkpoint: {folder} has no {weights.name}")
     config = _read_json(folder / "config.json", "checkpoint") if (folder / "config.json").is_file() else {}
-    if config.get("num_hidden_layers") != manifest.get("num_layers"):
+    if not adapters and config.get("num_hidden_layers") != manifest.get("num_layers"):
         raise UserError(
             f"checkpoint: manifest says {manifest.get('num_layers')} layers, config.json says "
             f"{config.get('num_hidden_layers')}"
@@ -134,8 +138,14 @@ def stage(checkpoint: Path, target: Path, repo_id: str, grid_dir: Path | None, c
     """Write every file to upload into ``target``; returns their relative paths."""
     manifest = check_checkpoint(checkpoint)
     grid = _load_grid(grid_dir, manifest, cells)
+    skipped = SKIPPED
+    if is_adapter_checkpoint(checkpoint):  # LoRA: publish plain weights that load without peft
+        model = SentenceTransformer(str(check_model_folder(checkpoint, "checkpoint")), device="cpu")
+        merge_lora(model)
+        model.save(str(target))
+        skipped += (ADAPTER_CONFIG, ADAPTER_WEIGHTS, *(p.name for p in target.iterdir()))
     for item in checkpoint.iterdir():
-        if item.name.startswith(SKIPPED):
+        if item.name.startswith(skipped):
             continue
         if item.is_dir():
             shutil.copytree(item, target / item.name)

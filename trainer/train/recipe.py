@@ -35,13 +35,61 @@ LOSS_TYPES = ("starbucks", "2dmse", "grid")
 
 
 @dataclass
+class LoraConfig:
+    """``model.lora``: train LoRA adapters instead of every weight (Hu et al. 2022, "LoRA: Low-Rank Adaptation of
+    Large Language Models"; ``trainer.lora``). Each targeted linear layer ``W`` becomes ``W + (alpha / r) B A`` with
+    rank-``r`` matrices ``A`` (random) and ``B`` (zero at the start), and only ``A`` and ``B`` train. ``dropout``
+    applies to the adapter's input; ``target_modules`` is peft's: ``all-linear`` or module names such as
+    ``[q_proj, k_proj, v_proj, o_proj]``.
+    """
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise UserError(f"model.lora.r: {self.r!r} is not valid; give the adapter rank, an integer >= 1")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            raise UserError(f"model.lora.alpha: {self.alpha!r} is not valid; give a number > 0")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise UserError(f"model.lora.dropout: {self.dropout!r} is not valid; give a number in [0, 1)")
+        names = [self.target_modules] if isinstance(self.target_modules, str) else self.target_modules
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+            raise UserError(
+                f"model.lora.target_modules: {self.target_modules!r} is not valid; give 'all-linear' or a list of "
+                "module names such as [q_proj, v_proj]"
+            )
+
+
+@dataclass
 class ModelConfig:
-    """The student: any sentence-transformers model by hub id or local path."""
+    """The student: any sentence-transformers model by hub id or local path.
+
+    A decoder LLM without a sentence-transformers config (``Qwen/Qwen3-0.6B``) becomes a last-token embedder
+    (``trainer.decoder``). ``prompts`` adds to or replaces the model's own prompts by name (``query``,
+    ``document``...); training, evaluation and serving all use them. ``lora``: train LoRA adapters only.
+    """
 
     name: str
     revision: str | None = None
     max_seq_length: int | None = None
     trust_remote_code: bool = False
+    prompts: dict[str, str] | None = None
+    lora: LoraConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.prompts is not None and (
+            not isinstance(self.prompts, dict)
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in self.prompts.items())
+        ):
+            raise UserError(
+                f"model.prompts: {self.prompts!r} is not valid; give a mapping of prompt names to strings, e.g. "
+                '{query: "Instruct: Given a web search query, retrieve relevant passages\nQuery: ", document: ""}'
+            )
+        if self.lora is not None and not isinstance(self.lora, LoraConfig):
+            self.lora = build_dataclass(LoraConfig, self.lora, "model.lora")
 
 
 @dataclass
@@ -586,6 +634,8 @@ def parse_recipe(raw: dict[str, Any], path: str = "") -> Recipe:
         binary = build_dataclass(BinaryConfig, raw["binary"], "binary")
     if raw.get("distill") is not None:
         distill = build_dataclass(DistillConfig, raw["distill"], "distill")
+    if model.lora is not None and binary is not None and binary.mode == "head-only":
+        raise UserError("model.lora: binary.mode head-only keeps the encoder frozen, so adapters would not train")
     evaluation = None
     if raw.get("evaluation") is not None:
         section = raw["evaluation"]

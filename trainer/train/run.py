@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -14,19 +15,21 @@ import torch.distributed as dist
 from datasets import Dataset, DatasetDict
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from torch import nn
-from transformers import TrainerCallback, set_seed
+from transformers import TrainerCallback, TrainerControl, set_seed
 
 from trainer.binary.heads import BinaryHeads
 from trainer.cell_vectors import embedding_dim, num_layers
+from trainer.decoder import column_prompts, decoder_embedder, needs_decoder_modules
 from trainer.errors import UserError
 from trainer.grid import Cell, CellSelection, Grid
+from trainer.lora import add_lora
 from trainer.manifest import write_manifest
 from trainer.train.data import load_sources, text_columns
 from trainer.train.head_only import CHECKPOINT_STATE, train_heads_only
 from trainer.train.losses import ElasticLoss, InfoNCELoss, Matryoshka2dLoss
 from trainer.train.losses.binary import BinaryCodeLoss, EmbeddingToEmbeddingLoss
 from trainer.train.losses.distill import DistillationLoss
-from trainer.train.recipe import Recipe, load_recipe, training_arguments
+from trainer.train.recipe import ModelConfig, Recipe, load_recipe, training_arguments
 from trainer.train.summary import log_summary, run_summary
 
 logger = logging.getLogger(__name__)
@@ -166,11 +169,21 @@ class LossStateCallback(TrainerCallback):
                 if param.grad is not None:
                     dist.all_reduce(param.grad, op=dist.ReduceOp.AVG)
 
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
+    def on_step_end(self, args, state, control, **kwargs):
+        """A checkpoint due now gets the loss state (its terms and the cell selection's state) before the
+        Trainer writes its trainer_state.json, so that a run killed while saving never leaves a checkpoint that
+        looks complete but lacks them."""
+        if control.should_save and state.is_world_process_zero:
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            checkpoint.mkdir(parents=True, exist_ok=True)
             self.save(checkpoint)
             (checkpoint / SELECTION_FILE).write_text(json.dumps(self.loss.selection.state_dict()))
+
+    on_epoch_end = on_step_end
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.save_strategy == "best":  # decided only when the Trainer saves
+            self.on_step_end(args, state, TrainerControl(should_save=True))
 
 
 def check_launch(args: SentenceTransformerTrainingArguments) -> None:
@@ -189,11 +202,21 @@ def check_launch(args: SentenceTransformerTrainingArguments) -> None:
         logger.warning("accelerate launch: FSDP does not shard on CPU; the processes train with DDP over gloo")
 
 
-def load_model(recipe: Recipe) -> SentenceTransformer:
-    config = recipe.model
-    model = SentenceTransformer(config.name, revision=config.revision, trust_remote_code=config.trust_remote_code)
+def load_model(config: ModelConfig) -> SentenceTransformer:
+    """The student: a sentence-transformers model, or a last-token embedder of a plain decoder LLM
+    (``trainer.decoder``); with the recipe's prompts, and LoRA adapters when ``model.lora`` is set."""
+    if Path(config.name).is_dir():  # absolute, so that adapter checkpoints find their base model from anywhere
+        config = dataclasses.replace(config, name=str(Path(config.name).resolve()))
+    if needs_decoder_modules(config):
+        model = decoder_embedder(config)
+    else:
+        model = SentenceTransformer(config.name, revision=config.revision, trust_remote_code=config.trust_remote_code)
     if config.max_seq_length:
         model.max_seq_length = config.max_seq_length
+    if config.prompts is not None:
+        model.prompts = {**model.prompts, **config.prompts}
+    if config.lora is not None:
+        add_lora(model, config.lora)
     return model
 
 
@@ -204,10 +227,14 @@ def train(recipe: Recipe) -> SentenceTransformerTrainer:
     prepare_output_dir(recipe, resume, args.distributed_state.is_main_process)
     train_data = load_sources(recipe.data.train, "data.train")
     eval_data = load_sources(recipe.data.eval, "data.eval") if recipe.data.eval else None
-    model = load_model(recipe)
+    set_seed(recipe.training.get("seed", 42))  # before the randomly initialised adapters and heads, as HF examples do
+    model = load_model(recipe.model)
     grid = recipe.loss.grid(num_layers(model), embedding_dim(model))
     if recipe.binary is not None and recipe.binary.mode == "head-only":
         return train_heads_from_recipe(recipe, model, grid, train_data, resume)
+    if not args.prompts:  # train with the prompts evaluation and serving use
+        parts = train_data.values() if isinstance(train_data, DatasetDict) else [train_data]
+        args.prompts = column_prompts(model, sorted({c for part in parts for c in text_columns(part)})) or None
     teacher_width = None
     if recipe.distill is not None:
         with args.main_process_first(desc="teacher embeddings"):

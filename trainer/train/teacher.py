@@ -20,8 +20,9 @@ import datasets
 import numpy as np
 from sentence_transformers import SentenceTransformer
 
+from trainer.decoder import decoder_embedder, needs_decoder_modules
 from trainer.errors import UserError
-from trainer.train.recipe import DistillConfig
+from trainer.train.recipe import DistillConfig, ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +32,13 @@ META_FILE = "meta.json"
 
 
 def load_teacher(name: str, max_seq_length: int | None = None, trust_remote_code: bool = False) -> SentenceTransformer:
-    """The teacher on CPU (or the default device), frozen: eval mode, no parameter requires a gradient."""
-    teacher = SentenceTransformer(name, trust_remote_code=trust_remote_code)
+    """The teacher on CPU (or the default device), frozen: eval mode, no parameter requires a gradient. A plain
+    decoder LLM (e.g. the ``self`` teacher of a decoder student) is a last-token embedder (``trainer.decoder``)."""
+    config = ModelConfig(name, trust_remote_code=trust_remote_code)
+    if needs_decoder_modules(config):
+        teacher = decoder_embedder(config)
+    else:
+        teacher = SentenceTransformer(name, trust_remote_code=trust_remote_code)
     if max_seq_length is not None:
         teacher.max_seq_length = max_seq_length
     teacher.eval()
