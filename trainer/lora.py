@@ -19,19 +19,17 @@ from pathlib import Path
 from sentence_transformers import SentenceTransformer
 
 from trainer.errors import UserError
-from trainer.train.recipe import LoraConfig
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def add_lora(model: SentenceTransformer, config: LoraConfig) -> None:
-    """Fresh LoRA adapters on ``model``'s transformer; only the adapters require gradients afterwards."""
-    from peft import LoraConfig as PeftLoraConfig
+def add_lora(model: SentenceTransformer, r: int, alpha: float, dropout: float, target_modules: str | list[str]) -> None:
+    """Fresh LoRA adapters on ``model``'s transformer (the recipe's ``model.lora``); only the adapters require
+    gradients afterwards."""
+    from peft import LoraConfig
 
-    peft_config = PeftLoraConfig(
-        r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=config.target_modules
-    )
+    peft_config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules)
     try:
         model.add_adapter(peft_config)
     except ValueError as error:  # no transformer module, or no module matching target_modules

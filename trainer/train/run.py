@@ -216,7 +216,7 @@ def load_model(config: ModelConfig) -> SentenceTransformer:
     if config.prompts is not None:
         model.prompts = {**model.prompts, **config.prompts}
     if config.lora is not None:
-        add_lora(model, config.lora)
+        add_lora(model, **dataclasses.asdict(config.lora))
     return model
 
 
