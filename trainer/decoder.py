@@ -30,7 +30,8 @@ from sentence_transformers.sentence_transformer.modules import Pooling
 from transformers import AutoTokenizer
 
 from trainer.errors import UserError
-from trainer.train.recipe import ModelConfig, _read_model_json
+from trainer.serve.checkpoint import read_model_json
+from trainer.train.recipe import ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +47,8 @@ def is_causal_lm(config: dict) -> bool:
 
 def needs_decoder_modules(model: ModelConfig) -> bool:
     """A decoder LLM that has no sentence-transformers modules of its own."""
-    config = _read_model_json(model.name, "config.json", model.revision) or {}
-    return is_causal_lm(config) and _read_model_json(model.name, "modules.json", model.revision) is None
+    config = read_model_json(model.name, "config.json", model.revision, "model.name") or {}
+    return is_causal_lm(config) and read_model_json(model.name, "modules.json", model.revision, "model.name") is None
 
 
 def decoder_embedder(model: ModelConfig) -> SentenceTransformer:

@@ -92,7 +92,7 @@ def resolve_model(name: str, key: str = "model", revision: str | None = None) ->
     return check_model_folder(snapshot, key)
 
 
-def _model_json(name: str, filename: str, revision: str | None, key: str) -> dict | list | None:
+def read_model_json(name: str, filename: str, revision: str | None = None, key: str = "model") -> dict | list | None:
     """A JSON file of a local model folder or hub repo (only that file is fetched); None when there is none."""
     local = Path(name)
     if local.is_dir():
@@ -126,12 +126,12 @@ def _unreadable(name: str, error: Exception, key: str) -> UserError:
 
 def model_shape(name: str, revision: str | None = None, key: str = "model") -> tuple[int, int]:
     """(transformer layers, sentence-embedding dim) from the model's config files, without loading weights."""
-    config = _model_json(name, "config.json", revision, key)
+    config = read_model_json(name, "config.json", revision, key)
     if not isinstance(config, dict) or "num_hidden_layers" not in config:
         raise UserError(f"{key}: {name!r} has no config.json with num_hidden_layers")
     dim = config.get("hidden_size")
-    for module in _model_json(name, "modules.json", revision, key) or []:
+    for module in read_model_json(name, "modules.json", revision, key) or []:
         if module.get("type", "").endswith("Dense"):
-            dense = _model_json(name, f"{module['path']}/config.json", revision, key) or {}
+            dense = read_model_json(name, f"{module['path']}/config.json", revision, key) or {}
             dim = dense.get("out_features", dim)
     return int(config["num_hidden_layers"]), int(dim)
