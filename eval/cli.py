@@ -4,6 +4,7 @@ every cell; ``python -m eval pick grid.json --max-bytes 32 [--max-ms-per-query X
 from __future__ import annotations
 
 import argparse
+import logging
 
 from trainer.errors import OneLineParser, UserError, run_cli
 
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "pick":
         run_cli(lambda: run_pick(args))
         return
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("eval").setLevel(logging.INFO)  # this project's summaries and progress lines
     run_cli(
         lambda: run(args),
         on_interrupt="every cell scored so far is kept in the output folder; rerun the same command to resume",

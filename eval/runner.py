@@ -14,6 +14,7 @@ each cell costs to serve on this machine in ``<output>/costs.json`` (``eval.cost
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,14 @@ from tqdm.auto import tqdm
 from eval.cost import CostStore, cell_cost, experiment_key, measure
 from eval.embeddings import load_or_encode
 from eval.search import CellSearch
-from eval.tasks import resolve_task, task_texts
+from eval.tasks import TaskTexts, resolve_task, task_texts
 from trainer.binary.heads import BinaryHeads
 from trainer.cell_vectors import code_heads, embedding_dim, num_layers
 from trainer.errors import UserError
 from trainer.grid import Cell, Grid
 from trainer.serve.checkpoint import resolve_model
+
+logger = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors")  # adapters: LoRA checkpoints
 CODE_SOURCES = ("trained", "sign")
@@ -144,6 +147,18 @@ def _split_scores(cache: ResultCache, meta: ModelMeta, task: AbsTaskRetrieval, s
     return dict(result.scores[split][0])
 
 
+def grid_summary(request: GridRequest, cells: list[Cell], texts: dict[str, TaskTexts]) -> str:
+    """What an evaluation will do: model, cells (float and code), tasks with their sizes, output folder."""
+    codes = [c for c in cells if not c.is_float]
+    lines = [
+        f"eval grid: {request.model}",
+        f"  cells: {len(cells)} ({len(cells) - len(codes)} float, {len(codes)} codes: {request.codes})",
+        *(f"  task {name}: {len(t.query_ids):,} queries, {len(t.doc_ids):,} documents" for name, t in texts.items()),
+        f"  output: {request.output}",
+    ]
+    return "\n".join(lines)
+
+
 def run_grid(request: GridRequest, model: SentenceTransformer | None = None) -> GridResults:
     """Validate everything first (cells, codes, tasks, splits), then encode once per task and score each cell."""
     model = model if model is not None else load_model(request.model)
@@ -160,6 +175,7 @@ def run_grid(request: GridRequest, model: SentenceTransformer | None = None) -> 
     if len(set(names)) != len(names):
         raise UserError(f"tasks: {request.tasks} name the same task twice ({names})")
     texts = {task.metadata.name: task_texts(task, split) for task, split in tasks}
+    logger.info(grid_summary(request, cells, {f"{t.metadata.name} {s}": texts[t.metadata.name] for t, s in tasks}))
 
     name, revision = model_identity(request.model)
     if request.max_seq_length:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import eval.embeddings
 from eval.cli import main
 from eval.runner import GridRequest, run_grid
 from eval.search import CellSearch
-from eval.tasks import resolve_task
+from eval.tasks import resolve_task, task_texts
 from trainer.errors import UserError
 from trainer.grid import Cell, Grid
 
@@ -108,6 +109,18 @@ def test_interrupted_grid_resumes_without_reencoding_or_rescoring(tiny, tmp_path
     assert results.scored_cells == 8 - 3
     assert set(scored[3:]).isdisjoint(first_pass) and len(scored[3:]) == 5
     assert len(list((tmp_path / "o" / "results").rglob("beir.json"))) == 8
+
+
+def test_grid_starts_with_a_summary_of_its_work(tiny, tmp_path, caplog):
+    checkpoint, beir = tiny
+    texts = task_texts(*resolve_task(f"{beir}:test"))
+    grid = Grid.from_spec(cells=["L1-D8", "L3-D32"], bits=[32, 1])
+    with caplog.at_level(logging.INFO, logger="eval"):
+        run_grid(GridRequest(str(checkpoint), [f"{beir}:test"], grid, tmp_path / "o"))
+    summary = caplog.records[0].getMessage()
+    assert "cells: 4 (2 float, 2 codes: trained)" in summary
+    assert f"{len(texts.query_ids):,} queries, {len(texts.doc_ids):,} documents" in summary
+    assert f"output: {tmp_path / 'o'}" in summary
 
 
 def test_changed_judgments_are_rescored_not_reused(tiny, tmp_path):
