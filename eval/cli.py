@@ -31,6 +31,17 @@ def _parser() -> argparse.ArgumentParser:
         "--max-seq-length", dest="max_seq_length", type=int, help="cut texts at N tokens (default: model's)"
     )
     grid.add_argument("--overwrite", action="store_true", default=None, help="recompute cells already scored")
+    grid.add_argument(
+        "--store-dtype",
+        dest="store_dtype",
+        choices=["float32", "float16"],
+        help="dtype of the on-disk embedding stores (default float32; float16 halves their size)",
+    )
+    grid.add_argument(
+        "--devices",
+        nargs="+",
+        help="encode with one worker process per device, e.g. cuda:0 cuda:1 (default: every GPU when several)",
+    )
     return parser
 
 
