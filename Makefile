@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 RUN ?= runs/demo
 
-BENCHES := train-step train-memory grid-eval binary-search early-exit flagship
+BENCHES := train-step train-memory grid-eval grid-scale binary-search early-exit flagship
 
 .PHONY: install models demo test test-fast lint format bench bench-smoke clean $(addprefix bench-,$(BENCHES))
 
@@ -54,6 +54,9 @@ bench-train-memory: models
 	PYTHONPATH=. $(BIN)/python bench/train_step.py --peak-memory
 bench-grid-eval: models
 	PYTHONPATH=. $(BIN)/python bench/grid_eval.py
+# Synthetic, no model: stores of 1M and 200k documents (4.6 GB and 0.9 GB under /tmp, removed afterwards).
+bench-grid-scale: $(STAMP)
+	PYTHONPATH=. $(BIN)/python bench/grid_scale.py
 bench-binary-search: models
 	PYTHONPATH=. $(BIN)/python bench/binary_search.py
 bench-early-exit: models

@@ -224,6 +224,19 @@ class LayerEncoder:
         self.model.to(device)
         return self
 
+    def __setstate__(self, state: dict) -> None:
+        """Unpickled in a worker process: transformers (5.x) registers which outputs a model class can record
+        (``output_hidden_states``) in ``PreTrainedModel.__init__``, which unpickling skips; without that
+        registration no hidden states come back, so register them as ``__init__`` does."""
+        self.__dict__.update(state)
+        try:
+            from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+        except ImportError:  # transformers without output recorders returns hidden states by itself
+            return
+        for module in self.model.modules():
+            if hasattr(module, "_can_record_outputs"):
+                _CAN_RECORD_REGISTRY[module] = module._can_record_outputs
+
 
 def encode_cell(
     model: SentenceTransformer,
