@@ -54,13 +54,16 @@ class RunningTopK:
         exact: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> None:
         """A dense (queries, chunk) block of scores of rows ``first_row...``. With ``exact``, ``scores`` are
-        float32 approximations (within ``MARGIN``) and ``exact(q, c)`` the true scores of the candidates."""
+        float32 approximations (within ``MARGIN``) and ``exact(q, c)`` the true scores of entries ``(q, c)``."""
+        if bool(torch.isinf(self.scores[:, -1]).any()):  # not k documents yet: merge the whole block
+            if exact is not None:
+                scores = exact(torch.arange(len(scores))[:, None], torch.arange(scores.shape[1])[None, :])
+            self.merge(scores, first_row=first_row)
+            return
         cut = self.scores[:, -1].to(scores.dtype)
-        if bool(torch.isinf(cut).any()) and scores.shape[1] >= self.k:  # not full yet: this chunk's k-th bounds
-            cut = torch.maximum(cut, scores.topk(self.k, dim=1, sorted=False).values.min(dim=1).values)
         if exact is not None:
             cut = cut - MARGIN * cut.abs()
-        query, column = torch.nonzero(scores >= cut[:, None], as_tuple=True)
+        query, column = torch.nonzero(scores > cut[:, None] if exact is None else scores >= cut[:, None], as_tuple=True)
         values = scores[query, column] if exact is None else exact(query, column)
         self.add_candidates(query, column + first_row, values)
 
@@ -77,10 +80,14 @@ class RunningTopK:
         block[query, slot], block_rows[query, slot] = values.to(block.dtype), rows
         self.merge(block, block_rows)
 
-    def merge(self, scores: Tensor, rows: Tensor) -> None:
-        """Dense (queries, n) candidate blocks: keep the ``k`` best of them and the running ones."""
-        best = torch.cat([self.scores, scores], dim=1).topk(self.k, dim=1)
-        self.scores, self.rows = best.values, torch.cat([self.rows, rows], dim=1).gather(1, best.indices)
+    def merge(self, scores: Tensor, rows: Tensor | None = None, first_row: int = 0) -> None:
+        """A dense (queries, n) block of candidates, of ``rows`` or else of rows ``first_row + column``: keep the
+        ``k`` best of them and the running ones."""
+        best = torch.cat([self.scores, scores.to(self.scores.dtype)], dim=1).topk(self.k, dim=1)
+        column = best.indices - self.k
+        running = self.rows.gather(1, best.indices.clamp(max=self.k - 1))
+        new = column + first_row if rows is None else rows.gather(1, column.clamp(min=0))
+        self.scores, self.rows = best.values, torch.where(column < 0, running, new)
 
 
 def chunk_rows(queries: int, row_floats: int) -> int:

@@ -78,31 +78,26 @@ class CellSearch:
             return self._results(query_ids, scores, rows, top_k)
         return self._rescored(query.numpy().astype(np.float64), query_ids, scores, rows, depth)
 
-    def _hits(self, scores: Tensor, rows: Tensor, k: int) -> list[list[tuple[str, int, float]]]:
-        """Per query, its ``k`` best (doc id, row, score): a row holds every document with that text."""
+    def _hits(self, scores: Tensor, rows: Tensor, k: int) -> list[tuple[list[str], list[int], list[float]]]:
+        """Per query, its ``k`` best (doc ids, rows, scores), best first: a row stands for every document with
+        its text, so rows shared by several documents are expanded (rows are distinct texts)."""
         hits = []
         for row_list, score_list in zip(rows.tolist(), scores.tolist(), strict=True):
-            ranked: list[tuple[str, int, float]] = []
-            for row, score in zip(row_list, score_list, strict=True):
-                ranked.append((self._first_id[row], row, score))
-                ranked.extend((doc_id, row, score) for doc_id in self._more_ids.get(row, ()))
-                if len(ranked) >= k:
-                    break
-            hits.append(ranked[:k])
+            if self._more_ids.keys().isdisjoint(row_list):
+                hits.append(([self._first_id[row] for row in row_list], row_list, score_list))
+                continue
+            expanded = [
+                (doc_id, row, score)
+                for row, score in zip(row_list, score_list, strict=True)
+                for doc_id in (self._first_id[row], *self._more_ids.get(row, ()))
+            ][:k]
+            hits.append(tuple(map(list, zip(*expanded, strict=True))))
         return hits
 
     def _results(self, query_ids: list[str], scores: Tensor, rows: Tensor, k: int) -> dict[str, dict[str, float]]:
         """``{query id: {doc id: score}}`` of the ``k`` best documents per query."""
-        if not self._more_ids:  # every document has its own row: no expansion needed
-            first = self._first_id
-            return {
-                qid: {first[row]: score for row, score in zip(row_list, score_list, strict=True)}
-                for qid, row_list, score_list in zip(query_ids, rows.tolist(), scores.tolist(), strict=True)
-            }
-        return {
-            qid: {doc_id: score for doc_id, _, score in ranked}
-            for qid, ranked in zip(query_ids, self._hits(scores, rows, k), strict=True)
-        }
+        hits = self._hits(scores, rows, k)
+        return {qid: dict(zip(ids, values, strict=True)) for qid, (ids, _, values) in zip(query_ids, hits, strict=True)}
 
     def _rescored(
         self, query: np.ndarray, query_ids: list[str], scores: Tensor, rows: Tensor, depth: int
@@ -113,13 +108,13 @@ class CellSearch:
         Only these candidates are returned, so metrics deeper than ``depth`` see a shorter list.
         """
         hits = self._hits(scores, rows, depth)
-        candidates = np.unique([row for ranked in hits for _, row, _ in ranked])
+        candidates = np.unique(np.concatenate([np.asarray(row_list) for _, row_list, _ in hits]))
         position = {row: i for i, row in enumerate(candidates.tolist())}
         layer = torch.from_numpy(self.embeddings.docs.take(layer_name(self.cell.layers), candidates))
         vectors = cell_vector({self.cell.layers: layer}, self.cell.with_bits(32))
         decoded = cell_codes(vectors, self.cell, self.heads).to_float()
         results = {}
-        for i, (qid, ranked) in enumerate(zip(query_ids, hits, strict=True)):
-            rescored = (decoded[[position[row] for _, row, _ in ranked]] @ query[i]).tolist()
-            results[qid] = dict(zip([doc_id for doc_id, _, _ in ranked], rescored, strict=True))
+        for i, (qid, (ids, row_list, _)) in enumerate(zip(query_ids, hits, strict=True)):
+            rescored = (decoded[[position[row] for row in row_list]] @ query[i]).tolist()
+            results[qid] = dict(zip(ids, rescored, strict=True))
         return results
