@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 RUN ?= runs/demo
 
-BENCHES := train-step train-memory train-batch grid-eval binary-search early-exit flagship decoder-memory
+BENCHES := train-step train-memory train-batch grid-eval grid-scale binary-search early-exit flagship decoder-memory
 
 .PHONY: install models demo test test-fast lint format bench bench-smoke clean $(addprefix bench-,$(BENCHES))
 
@@ -58,6 +58,9 @@ bench-train-batch: models
 	PYTHONPATH=. $(BIN)/python bench/train_step.py --batch-scaling --repeats 2
 bench-grid-eval: models
 	PYTHONPATH=. $(BIN)/python bench/grid_eval.py
+# Synthetic, no model: stores of 1M and 200k documents (4.6 GB and 0.9 GB under /tmp, removed afterwards).
+bench-grid-scale: $(STAMP)
+	PYTHONPATH=. $(BIN)/python bench/grid_scale.py
 bench-binary-search: models
 	PYTHONPATH=. $(BIN)/python bench/binary_search.py
 bench-early-exit: models

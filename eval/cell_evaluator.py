@@ -2,11 +2,11 @@
 
 ``CellRetrievalEvaluator`` computes exactly what ``python -m eval grid`` computes for the same weights:
 the texts mteb hands a model (``eval.tasks.task_texts``) with the model's mteb prompts, every layer of them
-from ONE encoding pass (``eval.embeddings.encode_unique``, the grid's own encoder, same batches), each
-cell's vectors and codes from ``trainer.cell_vectors`` scored by ``eval.search.CellSearch`` (cosine for
-float cells, ``code_scores`` for codes) and the metric from mteb's own retrieval evaluation
-(``AbsTaskRetrieval.evaluate``). So a logged value equals a separate ``eval grid`` of the checkpoint
-saved at that step.
+from ONE encoding pass into temporary stores (``eval.embeddings.load_or_encode``, the grid's own encoder,
+same batches), each cell's vectors and codes from ``trainer.cell_vectors`` scored by ``eval.search.CellSearch``
+and ``eval.scan`` exactly as the grid scores them (cosine for float cells, ``code_scores`` for codes), and
+the metric from mteb's own retrieval evaluation (``AbsTaskRetrieval.evaluate``). So a logged value equals
+a separate ``eval grid`` of the checkpoint saved at that step.
 
 Metric names follow sentence-transformers' evaluators (``<name>_<metric>``, the Trainer adds ``eval_``)::
 
@@ -21,6 +21,7 @@ cell; a recipe with ``load_best_model_at_end`` and no ``metric_for_best_model`` 
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from mteb.types import PromptType
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.evaluation import BaseEvaluator
 
-from eval.embeddings import LayerEmbeddings, encode_unique
+from eval.embeddings import load_or_encode
 from eval.pick import MAIN_METRIC
 from eval.runner import cell_meta, task_prompt
 from eval.search import CellSearch
@@ -107,17 +108,15 @@ class CellRetrievalEvaluator(BaseEvaluator):
         """``{cell: nDCG@10}`` of one dev set: one encoding pass, then mteb's scoring of each cell's ranking."""
         layers = sorted({cell.layers for cell in self.cells})
         prompts = (task_prompt(model, dev.task, PromptType.query), task_prompt(model, dev.task, PromptType.document))
-        embeddings = LayerEmbeddings(
-            dev.texts.query_ids,
-            dev.texts.doc_ids,
-            encode_unique(model, dev.texts.queries, layers, self.batch_size, prompts[0]),
-            encode_unique(model, dev.texts.docs, layers, self.batch_size, prompts[1]),
-        )
         scores = {}
-        for cell in self.cells:
-            search = CellSearch(cell, embeddings, cell_meta("training", "step", cell, 0), heads=self.heads)
-            result = dev.task.evaluate(search, dev.split, encode_kwargs={"batch_size": self.batch_size})
-            scores[cell] = float(next(iter(result.values()))[MAIN_METRIC])
+        with tempfile.TemporaryDirectory(prefix="cell-eval-") as folder:
+            embeddings = load_or_encode(
+                model, "training", dev.texts, layers, Path(folder) / dev.name, prompts, batch_size=self.batch_size
+            )
+            for cell in self.cells:
+                search = CellSearch(cell, embeddings, cell_meta("training", "step", cell, 0), heads=self.heads)
+                result = dev.task.evaluate(search, dev.split, encode_kwargs={"batch_size": self.batch_size})
+                scores[cell] = float(next(iter(result.values()))[MAIN_METRIC])
         return scores
 
     def get_config_dict(self) -> dict[str, Any]:

@@ -4,7 +4,6 @@ every cell; ``python -m eval pick grid.json --max-bytes 32 [--max-ms-per-query X
 from __future__ import annotations
 
 import argparse
-import logging
 
 from trainer.errors import OneLineParser, UserError, run_cli
 
@@ -37,6 +36,17 @@ def _parser() -> argparse.ArgumentParser:
         "--max-seq-length", dest="max_seq_length", type=int, help="cut texts at N tokens (default: model's)"
     )
     grid.add_argument("--overwrite", action="store_true", default=None, help="recompute cells already scored")
+    grid.add_argument(
+        "--store-dtype",
+        dest="store_dtype",
+        choices=["float32", "float16"],
+        help="dtype of the on-disk embedding stores (default float32; float16 halves their size)",
+    )
+    grid.add_argument(
+        "--devices",
+        nargs="+",
+        help="encode with one worker process per device, e.g. cuda:0 cuda:1 (default: every GPU when several)",
+    )
     pick = commands.add_parser("pick", help="the best cells of a grid.json within a size, speed and quality budget")
     pick.add_argument("grid", help="grid.json written by `eval grid` (or its folder)")
     pick.add_argument("--max-bytes", dest="max_bytes", type=float, help="largest bytes per vector")
@@ -91,8 +101,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "pick":
         run_cli(lambda: run_pick(args))
         return
-    logging.basicConfig(format="%(message)s")
-    logging.getLogger("eval").setLevel(logging.INFO)  # this project's summaries and progress lines
     run_cli(
         lambda: run(args),
         on_interrupt="every cell scored so far is kept in the output folder; rerun the same command to resume",

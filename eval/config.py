@@ -1,10 +1,10 @@
 """Merge a YAML evaluation config with command-line flags (flags win) into a ``GridRequest``.
 
 YAML keys are the flag names with underscores: model, tasks, cells, layers, dims, bits, rescore, output,
-batch_size, overwrite. Without cells or layers/dims the grid is every layer x the dims
-``32, 64, 128, ... < D`` plus ``D``; without bits it is float and 1-bit codes (B32, B1). Cells listed with
-their bits (``L6-D384-B1 L2-D64``) are scored exactly as listed. Config values get the types of
-``KEY_TYPES`` (``trainer.settings``); everything is checked before the model loads.
+batch_size, overwrite, max_seq_length, store_dtype, devices. Without cells or layers/dims the grid is every
+layer x the dims ``32, 64, 128, ... < D`` plus ``D``; without bits it is float and 1-bit codes (B32, B1).
+Cells listed with their bits (``L6-D384-B1 L2-D64``) are scored exactly as listed. Config values get the
+types of ``KEY_TYPES`` (``trainer.settings``); everything is checked before the model loads.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from trainer.errors import UserError
 from trainer.grid import FLOAT_BITS, Grid
 from trainer.outputs import check_writable_folder
 from trainer.settings import did_you_mean, read_yaml, typed_value
+from trainer.store import DTYPES
 
 KEY_TYPES = {
     "model": str | None,
@@ -31,6 +32,8 @@ KEY_TYPES = {
     "batch_size": int | None,
     "overwrite": bool | None,
     "max_seq_length": int | None,
+    "store_dtype": str | None,
+    "devices": list[str] | None,
 }
 KEYS = tuple(KEY_TYPES)
 DEFAULT_BITS = (FLOAT_BITS, 1)
@@ -76,6 +79,28 @@ def _codes(value: Any) -> str:
     return value
 
 
+def _store_dtype(value: Any) -> str:
+    value = value or "float32"
+    if value not in DTYPES:
+        raise UserError(f"store_dtype: {value!r} is not valid; use one of {list(DTYPES)}")
+    return value
+
+
+def _devices(value: Any) -> tuple[str, ...]:
+    """Torch device names, e.g. ``[cuda:0, cuda:1]`` or ``[cpu, cpu]`` (two CPU worker processes)."""
+    import torch
+
+    devices = [value] if isinstance(value, str) else list(value or [])
+    for device in devices:
+        try:
+            parsed = torch.device(str(device))
+        except RuntimeError:
+            raise UserError(f"devices: {device!r} is not a torch device; use e.g. cuda:0, cuda:1 or cpu") from None
+        if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+            raise UserError(f"devices: {device!r} is not available; this machine has {torch.cuda.device_count()} GPUs")
+    return tuple(str(device) for device in devices)
+
+
 def build_request(settings: dict[str, Any], num_layers: int, embedding_dim: int) -> GridRequest:
     """The checked request of merged settings; ``num_layers`` / ``embedding_dim`` fill the default grid and
     bound its cells. The output folder must be writable."""
@@ -108,4 +133,6 @@ def build_request(settings: dict[str, Any], num_layers: int, embedding_dim: int)
         batch_size=int(settings.get("batch_size") or 64),
         overwrite=bool(settings.get("overwrite")),
         max_seq_length=int(settings["max_seq_length"]) if settings.get("max_seq_length") else None,
+        store_dtype=_store_dtype(settings.get("store_dtype")),
+        devices=_devices(settings.get("devices")),
     )

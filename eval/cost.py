@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from sentence_transformers import SentenceTransformer
 
-from eval.embeddings import LayerEmbeddings
+from eval.embeddings import TaskEmbeddings
 from eval.search import RESCORE_K, CellSearch
 from eval.tasks import TaskTexts
 from trainer.cell_vectors import embedding_dim, encode_cell
@@ -93,10 +93,10 @@ def encoding_costs(
     }
 
 
-def search_ms_per_query(search: CellSearch, embeddings: LayerEmbeddings) -> float:
+def search_ms_per_query(search: CellSearch, embeddings: TaskEmbeddings) -> float:
     """Median milliseconds per query of ``search`` over a sample of queries against the whole corpus."""
-    search.index({"id": embeddings.doc_ids})
-    queries = {"id": _sample(embeddings.query_ids, SEARCH_SAMPLE)}
+    search.index({"id": list(embeddings.doc_rows)})
+    queries = {"id": _sample(list(embeddings.query_rows), SEARCH_SAMPLE)}
     search.search(queries, top_k=RESCORE_K)  # warm-up
     times = []
     for _ in range(REPEATS):
@@ -171,7 +171,7 @@ def measure(
     model: SentenceTransformer,
     texts: TaskTexts,
     searches: dict[str, CellSearch],
-    embeddings: LayerEmbeddings,
+    embeddings: TaskEmbeddings,
     prompts: tuple[str | None, str | None],
 ) -> None:
     """Measure what ``store`` lacks for this task (layer counts of ``searches``' cells, each search), then save."""

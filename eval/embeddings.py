@@ -1,56 +1,80 @@
-"""Every layer's embeddings of a task's texts from ONE encoding pass, cached on disk for resumed grids.
+"""Every layer's embeddings of a task's texts from ONE encoding pass, in on-disk stores for resumed grids.
 
-Queries and documents are deduplicated and encoded once each with ``trainer.cell_vectors.encode_layers``, which
-pools every requested layer from the same forward pass. The cache file holds, per role (``query`` /
-``doc``) and layer ``l``, a float32 (N, D) matrix ``<role>.L<l>``; its metadata stores the SHA-256 of the
-model identity, the prompts and the texts, and a file whose fingerprint differs is re-encoded.
+Queries and documents are deduplicated and encoded once each with ``trainer.cell_vectors.encode_layers``
+(through ``LayerEncoder``), which pools every requested layer from the same forward pass, into two stores
+(``trainer.store``) under ``<folder>/query`` and ``<folder>/doc``: one ``L<l>`` matrix per layer, one row per
+distinct text. Rows are in encoding order (longest text first, as ``encode_layers`` and sentence-transformers
+batch), and chunks are whole batches, so each text is encoded in exactly the batch an in-memory pass over all
+texts would give it. A store is keyed by the model identity, prompt, max length, dtype and texts; an
+interrupted encoding resumes at its last complete chunk; ``devices`` encodes on several devices at once.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
+import numpy as np
 from sentence_transformers import SentenceTransformer
-from torch import Tensor
 
 from eval.tasks import TaskTexts
-from trainer.cell_vectors import encode_layers
+from trainer.cell_vectors import LayerEncoder, layer_name
+from trainer.store import EmbeddingStore, build_store, text_key
 
 ROLES = ("query", "doc")
+CHUNK_BATCHES = 64  # encoding batches per store chunk: the granularity of a resumed encoding
 
 
 @dataclass(frozen=True)
-class LayerEmbeddings:
-    """Row ``i`` of ``queries[l]`` embeds ``query_ids[i]`` at layer ``l`` (same for documents)."""
+class TaskEmbeddings:
+    """Row ``query_rows[id]`` of matrix ``L<l>`` of ``queries`` embeds query ``id`` at layer ``l`` (same for docs)."""
 
-    query_ids: list[str]
-    doc_ids: list[str]
-    queries: dict[int, Tensor]
-    docs: dict[int, Tensor]
+    queries: EmbeddingStore
+    docs: EmbeddingStore
+    query_rows: dict[str, int]
+    doc_rows: dict[str, int]
 
-
-def _fingerprint(model_id: str, prompts: Sequence[str | None], texts: TaskTexts) -> str:
-    digest = hashlib.sha256(json.dumps([model_id, list(prompts)]).encode())
-    for text in (*texts.queries, "\0", *texts.docs):
-        digest.update(text.encode("utf-8") + b"\0")
-    return digest.hexdigest()
+    def query_vectors(self, layer: int, ids: Sequence[str]) -> np.ndarray:
+        return self.queries.take(layer_name(layer), [self.query_rows[i] for i in ids])
 
 
-def encode_unique(
-    model: SentenceTransformer, texts: list[str], layers: Sequence[int], batch_size: int, prompt: str | None
-) -> dict[int, Tensor]:
-    """Encode each distinct text once and scatter the rows back to ``texts`` order."""
-    unique = list(dict.fromkeys(texts))
-    row = {text: i for i, text in enumerate(unique)}
-    encoded = encode_layers(model, unique, layers, batch_size=batch_size, show_progress_bar=True, prompt=prompt)
-    index = torch.tensor([row[t] for t in texts], dtype=torch.long)
-    return {layer: emb[index].contiguous() for layer, emb in encoded.items()}
+def encoding_order(texts: Sequence[str]) -> list[str]:
+    """The distinct texts, longest first (a stable sort, like ``encode_layers``' batches)."""
+    return sorted(dict.fromkeys(texts), key=lambda text: -len(text))
+
+
+def encode_role(
+    model: SentenceTransformer,
+    model_id: str,
+    ids: Sequence[str],
+    texts: Sequence[str],
+    folder: Path,
+    prompt: str | None,
+    *,
+    layers: Sequence[int],
+    batch_size: int,
+    dtype: str,
+    devices: Sequence[str],
+    label: str,
+) -> tuple[EmbeddingStore, dict[str, int]]:
+    """The store of one role's texts (reused, resumed or encoded) and each id's row in it."""
+    rows = encoding_order(texts)
+    identity = {"model": model_id, "prompt": prompt, "max_seq_length": model.max_seq_length, "dtype": dtype}
+    key = text_key(identity, rows)
+    store = build_store(
+        folder,
+        key,
+        rows,
+        [layer_name(layer) for layer in layers],
+        LayerEncoder(model, tuple(layers), batch_size, prompt),
+        dtype=dtype,
+        chunk_size=batch_size * CHUNK_BATCHES,
+        label=label,
+        devices=devices,
+    )
+    row_of = {text: i for i, text in enumerate(rows)}
+    return store, {i: row_of[text] for i, text in zip(ids, texts, strict=True)}
 
 
 def load_or_encode(
@@ -58,33 +82,20 @@ def load_or_encode(
     model_id: str,
     texts: TaskTexts,
     layers: Sequence[int],
-    cache_file: Path,
+    folder: Path,
     prompts: tuple[str | None, str | None] = (None, None),
     batch_size: int = 64,
-) -> LayerEmbeddings:
-    """The cached embeddings of ``layers`` when ``cache_file`` matches, else one encoding pass (then saved)."""
+    dtype: str = "float32",
+    devices: Sequence[str] = (),
+) -> TaskEmbeddings:
+    """The stores of ``layers`` for the task's queries and documents under ``folder``, encoded when missing."""
     layers = sorted(set(layers))
-    fingerprint = _fingerprint(model_id, prompts, texts)
-    tensors: dict[str, Tensor] = {}
-    if cache_file.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(cache_file), framework="pt") as handle:
-            same = (handle.metadata() or {}).get("fingerprint") == fingerprint
-        if same:
-            tensors = load_file(str(cache_file))
-    if not all(f"{role}.L{layer}" in tensors for role in ROLES for layer in layers):
-        tensors = {}
-        for role, role_texts, prompt in zip(ROLES, (texts.queries, texts.docs), prompts, strict=True):
-            for layer, emb in encode_unique(model, role_texts, layers, batch_size, prompt).items():
-                tensors[f"{role}.L{layer}"] = emb
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache_file.with_suffix(".partial")
-        save_file(tensors, str(partial), metadata={"fingerprint": fingerprint})
-        partial.replace(cache_file)  # atomic: an interrupted save never leaves a truncated cache
-    return LayerEmbeddings(
-        query_ids=texts.query_ids,
-        doc_ids=texts.doc_ids,
-        queries={layer: tensors[f"query.L{layer}"] for layer in layers},
-        docs={layer: tensors[f"doc.L{layer}"] for layer in layers},
+    common = dict(layers=layers, batch_size=batch_size, dtype=dtype, devices=devices)
+    name = folder.name
+    queries, query_rows = encode_role(
+        model, model_id, texts.query_ids, texts.queries, folder / "query", prompts[0], label=f"{name} queries", **common
     )
+    docs, doc_rows = encode_role(
+        model, model_id, texts.doc_ids, texts.docs, folder / "doc", prompts[1], label=f"{name} documents", **common
+    )
+    return TaskEmbeddings(queries, docs, query_rows, doc_rows)

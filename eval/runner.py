@@ -7,8 +7,9 @@ Result files follow mteb's cache layout under ``<output>/results``, one mteb *ex
     <output>/results/<model>/<revision>/experiments/cell_L4-D128-B1__codes_sign/<Task>.json   (--codes sign)
 
 so ``mteb.ResultCache(<output>)`` loads them and a rerun skips every cell whose split is already scored.
-Embeddings of all needed layers are cached in ``<output>/embeddings/<Task>-<split>.safetensors``, and what
-each cell costs to serve on this machine in ``<output>/costs.json`` (``eval.cost``).
+Embeddings of the grid's layers are stored in ``<output>/embeddings/<Task>-<split>/{query,doc}``
+(``eval.embeddings``, on disk, resumable); each cell streams the documents from there (``eval.scan``). What
+each cell costs to serve on this machine is measured into ``<output>/costs.json`` (``eval.cost``).
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ class GridRequest:
     batch_size: int = 64
     overwrite: bool = False
     max_seq_length: int | None = None  # tokens per text; part of the result identity when set
+    store_dtype: str = "float32"  # float16 halves the stores' disk size; float32 scores exactly as in memory
+    devices: tuple[str, ...] = ()  # encoding devices, one worker process each; () = every GPU when >1, else one
 
 
 @dataclass
@@ -88,6 +91,16 @@ def _has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def encoding_devices(devices: tuple[str, ...]) -> tuple[str, ...]:
+    """The devices asked for, else every GPU when there are several (one worker process each), else none."""
+    import torch
+
+    if devices:
+        return devices
+    count = torch.cuda.device_count()
+    return tuple(f"cuda:{i}" for i in range(count)) if count > 1 else ()
 
 
 def model_identity(model: str) -> tuple[str, str]:
@@ -186,6 +199,7 @@ def run_grid(request: GridRequest, model: SentenceTransformer | None = None) -> 
     splits = {t.metadata.name: s for t, s in tasks}
     results = GridResults(name, revision, depth, width, cells, splits, request.rescore, request.codes)
     results.machine, results.checkpoint = costs.machine, request.model
+    devices = encoding_devices(request.devices)
     for task, split in tasks:
         task_name = task.metadata.name
         metas = {cell: cell_meta(name, revision, cell, request.rescore, request.codes) for cell in cells}
@@ -198,10 +212,12 @@ def run_grid(request: GridRequest, model: SentenceTransformer | None = None) -> 
                 model,
                 f"{name}@{revision}",
                 texts[task_name],
-                sorted({c.layers for c in [*missing, *unmeasured]}),
-                request.output / "embeddings" / f"{task_name}-{split}.safetensors",
+                sorted({c.layers for c in cells}),  # every layer of the grid: a resumed grid reuses the stores
+                request.output / "embeddings" / f"{task_name}-{split}",
                 prompts=prompts,
                 batch_size=request.batch_size,
+                dtype=request.store_dtype,
+                devices=devices,
             )
             for cell in tqdm(missing, desc=f"Scoring cells of {task_name}", unit="cell"):
                 search = CellSearch(cell, embeddings, metas[cell], heads=heads, rescore=request.rescore)

@@ -1,15 +1,17 @@
 """One cell as an mteb ``SearchProtocol`` model that scores pre-computed vectors (no encoder call).
 
-mteb hands ``index`` the corpus and ``search`` the queries; rows are looked up by id in the cached
-embeddings, so mteb's own retrieval evaluator computes every metric from this cell's ranking.
+mteb hands ``index`` the corpus and ``search`` the queries; their rows are looked up by id in the task's
+stores (``eval.embeddings``), and the documents are scanned chunk by chunk (``eval.scan``), so mteb's own
+retrieval evaluator computes every metric from this cell's ranking while memory stays bounded by one chunk.
 
 Scores:
 - float cell: cosine, ``s(q, d) = <q, d>`` of the unit-normalised ``cell.dim`` prefixes;
 - binary cell: the project's one code score, ``trainer.binary.codes.code_scores``: the cosine of the codes'
-  float forms from popcounts on the packed planes (for 1 bit it ranks exactly like Hamming distance);
+  float forms (for 1 bit it ranks exactly like Hamming distance);
 - binary with ``rescore = M``: the top ``k * M`` documents by code score (``k = RESCORE_K = 100``, the
   deepest headline metric, recall@100), re-ranked by the float query against the documents' decoded codes
-  ``<q, e_d>`` (sentence-transformers' and BPR's rescoring).
+  ``<q, e_d>`` (sentence-transformers' and BPR's rescoring). The candidates' codes are re-derived from their
+  float vectors, the only rows read from the store for it.
 """
 
 from __future__ import annotations
@@ -17,20 +19,16 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 from mteb.models.model_meta import ModelMeta
 from torch import Tensor
 
-from eval.embeddings import LayerEmbeddings
-from trainer.binary.codes import PackedCodes, code_scores
-from trainer.cell_vectors import cell_codes, cell_vector
+from eval.embeddings import TaskEmbeddings
+from eval.scan import code_top_k, float_top_k
+from trainer.cell_vectors import cell_codes, cell_vector, layer_name
 from trainer.grid import Cell
 
 RESCORE_K = 100
-
-
-def _rows(ids: list[str], wanted: list[str]) -> list[int]:
-    position = {item: i for i, item in enumerate(ids)}
-    return [position[str(item)] for item in wanted]
 
 
 def ids_of(rows: Any) -> list[str]:
@@ -39,64 +37,84 @@ def ids_of(rows: Any) -> list[str]:
     return [str(i) for i in column]
 
 
-def best_k(scores: np.ndarray, doc_ids: list[str], query_ids: list[str], k: int) -> dict[str, dict[str, float]]:
-    """The ``k`` best documents per query: ``{query id: {doc id: score}}``."""
-    k = min(k, scores.shape[1])
-    best = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    values = np.take_along_axis(scores, best, axis=1).tolist()
-    return {
-        qid: dict(zip([doc_ids[j] for j in best[i].tolist()], values[i], strict=True))
-        for i, qid in enumerate(query_ids)
-    }
-
-
 class CellSearch:
     """Retrieval with one cell's vectors; ``meta`` names the cell as an mteb experiment."""
 
     def __init__(
-        self, cell: Cell, embeddings: LayerEmbeddings, meta: ModelMeta, heads: Any | None = None, rescore: int = 0
+        self, cell: Cell, embeddings: TaskEmbeddings, meta: ModelMeta, heads: Any | None = None, rescore: int = 0
     ) -> None:
         self.cell = cell
         self.embeddings = embeddings
         self.mteb_model_meta = meta
         self.heads = heads
         self.rescore = rescore
-        self._doc_ids: list[str] = []
-        self._doc_float: Tensor | None = None
-        self._doc_codes: PackedCodes | None = None
-
-    def _float(self, role: dict[int, Tensor], rows: list[int]) -> Tensor:
-        return cell_vector({self.cell.layers: role[self.cell.layers][rows]}, self.cell.with_bits(32))
+        self._first_id: list[str] = []
+        self._more_ids: dict[int, list[str]] = {}  # rows shared by several documents with the same text
 
     def index(self, corpus: Any, **kwargs: Any) -> None:
-        self._doc_ids = ids_of(corpus)
-        docs = self._float(self.embeddings.docs, _rows(self.embeddings.doc_ids, self._doc_ids))
-        if self.cell.is_float:
-            self._doc_float = docs
-        else:
-            self._doc_codes = cell_codes(docs, self.cell, self.heads)
+        first: list[str | None] = [None] * self.embeddings.docs.rows
+        self._more_ids = {}
+        for doc_id in ids_of(corpus):
+            row = self.embeddings.doc_rows[doc_id]
+            if first[row] is None:
+                first[row] = doc_id
+            else:
+                self._more_ids.setdefault(row, []).append(doc_id)
+        if None in first:
+            raise ValueError("the corpus to index lacks documents whose embeddings the store holds")
+        self._first_id = first
 
     def search(self, queries: Any, *, top_k: int, **kwargs: Any) -> dict[str, dict[str, float]]:
         query_ids = ids_of(queries)
-        query = self._float(self.embeddings.queries, _rows(self.embeddings.query_ids, query_ids))
+        layer = torch.from_numpy(self.embeddings.query_vectors(self.cell.layers, query_ids))
+        query = cell_vector({self.cell.layers: layer}, self.cell.with_bits(32))
+        docs = self.embeddings.docs
         if self.cell.is_float:
-            scores = (query @ self._doc_float.T).numpy()
-            return best_k(scores, self._doc_ids, query_ids, top_k)
-        scores = code_scores(cell_codes(query, self.cell, self.heads), self._doc_codes)
+            scores, rows = float_top_k(query, docs, self.cell, top_k)
+            return self._results(query_ids, scores, rows, top_k)
+        depth = RESCORE_K * self.rescore if self.rescore else top_k
+        scores, rows = code_top_k(cell_codes(query, self.cell, self.heads), docs, self.cell, self.heads, depth)
         if not self.rescore:
-            return best_k(scores, self._doc_ids, query_ids, top_k)
-        return self._rescored(query.numpy().astype(np.float64), scores, query_ids)
+            return self._results(query_ids, scores, rows, top_k)
+        return self._rescored(query.numpy().astype(np.float64), query_ids, scores, rows, depth)
 
-    def _rescored(self, query: np.ndarray, scores: np.ndarray, query_ids: list[str]) -> dict[str, dict[str, float]]:
-        """The top ``RESCORE_K * rescore`` documents by code score, re-scored ``<q, e_d>`` with ``e_d`` decoded.
+    def _hits(self, scores: Tensor, rows: Tensor, k: int) -> list[tuple[list[str], list[int], list[float]]]:
+        """Per query, its ``k`` best (doc ids, rows, scores), best first: a row stands for every document with
+        its text, so rows shared by several documents are expanded (rows are distinct texts)."""
+        hits = []
+        for row_list, score_list in zip(rows.tolist(), scores.tolist(), strict=True):
+            if self._more_ids.keys().isdisjoint(row_list):
+                hits.append(([self._first_id[row] for row in row_list], row_list, score_list))
+                continue
+            expanded = [
+                (doc_id, row, score)
+                for row, score in zip(row_list, score_list, strict=True)
+                for doc_id in (self._first_id[row], *self._more_ids.get(row, ()))
+            ][:k]
+            hits.append(tuple(map(list, zip(*expanded, strict=True))))
+        return hits
 
-        Only these candidates are returned, so metrics deeper than ``RESCORE_K * rescore`` see a shorter list.
+    def _results(self, query_ids: list[str], scores: Tensor, rows: Tensor, k: int) -> dict[str, dict[str, float]]:
+        """``{query id: {doc id: score}}`` of the ``k`` best documents per query."""
+        hits = self._hits(scores, rows, k)
+        return {qid: dict(zip(ids, values, strict=True)) for qid, (ids, _, values) in zip(query_ids, hits, strict=True)}
+
+    def _rescored(
+        self, query: np.ndarray, query_ids: list[str], scores: Tensor, rows: Tensor, depth: int
+    ) -> dict[str, dict[str, float]]:
+        """The top ``depth = RESCORE_K * rescore`` documents by code score, re-scored ``<q, e_d>`` with ``e_d``
+        decoded from codes re-derived from the candidates' float vectors (read from the store, nothing else).
+
+        Only these candidates are returned, so metrics deeper than ``depth`` see a shorter list.
         """
-        candidates = min(RESCORE_K * self.rescore, scores.shape[1])
-        best = np.argpartition(-scores, candidates - 1, axis=1)[:, :candidates]
-        decoded = self._doc_codes.to_float()
+        hits = self._hits(scores, rows, depth)
+        candidates = np.unique(np.concatenate([np.asarray(row_list) for _, row_list, _ in hits]))
+        position = {row: i for i, row in enumerate(candidates.tolist())}
+        layer = torch.from_numpy(self.embeddings.docs.take(layer_name(self.cell.layers), candidates))
+        vectors = cell_vector({self.cell.layers: layer}, self.cell.with_bits(32))
+        decoded = cell_codes(vectors, self.cell, self.heads).to_float()
         results = {}
-        for i, qid in enumerate(query_ids):
-            rescored = (decoded[best[i]] @ query[i]).tolist()
-            results[qid] = dict(zip([self._doc_ids[j] for j in best[i].tolist()], rescored, strict=True))
+        for i, (qid, (ids, row_list, _)) in enumerate(zip(query_ids, hits, strict=True)):
+            rescored = (decoded[[position[row] for row in row_list]] @ query[i]).tolist()
+            results[qid] = dict(zip(ids, rescored, strict=True))
         return results

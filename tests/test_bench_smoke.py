@@ -28,6 +28,16 @@ def test_benchmark_smoke_runs_and_records_provenance(name):
     assert payload["smoke"] is True and payload["rows"] and payload["machine"] and payload["command"]
 
 
+def test_grid_scale_smoke_times_every_cell():
+    smoke("grid_scale")
+    payload = recorded("grid_scale")
+    assert payload["smoke"] is True and payload["machine"] and payload["command"]
+    rows = payload["rows"]
+    cells = [row for row in rows if row["cell"] != "summary"]
+    assert len(cells) == 12 and all(row["s"] > 0 and row["GB/s scanned"] > 0 for row in cells)
+    assert all(row["of matmul"] > 0 for row in cells if not row["cell"].endswith("-B1"))
+
+
 def test_memory_benchmark_smoke():
     smoke("train_step", "--peak-memory")
     assert all(row["peak RSS MiB"] > 50 for row in recorded("train_memory")["rows"])

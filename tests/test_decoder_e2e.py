@@ -14,9 +14,9 @@ import time
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
 
+from eval.embeddings import encoding_order
 from eval.runner import GridRequest, run_grid
 from eval.tasks import resolve_task, task_texts
 from tests.conftest import REPO, requires_shared_data
@@ -55,10 +55,14 @@ def test_trained_decoder_cell_is_the_same_exported_served_and_evaluated(decoder_
     beir = make_beir_folder(tmp_path / "beir")
     grid = Grid.from_spec(cells=["L2-D32"], bits=[32, 1])
     run_grid(GridRequest(str(out), [f"{beir}:test"], grid, tmp_path / "eval"))
-    (cache,) = (tmp_path / "eval" / "embeddings").glob("*.safetensors")
-    evaluated = load_file(str(cache))  # rows in the order of the texts mteb hands the model
+    (stores,) = (tmp_path / "eval" / "embeddings").iterdir()
     texts = task_texts(*resolve_task(f"{beir}:test"))
     queries, docs = texts.queries, texts.docs
+    evaluated = {}  # layer 2 as the grid stored it, rows back in the order of the texts mteb hands the model
+    for role, role_texts in (("query", queries), ("doc", docs)):
+        row = {text: i for i, text in enumerate(encoding_order(role_texts))}
+        matrix = np.load(stores / role / "L2.npy")
+        evaluated[f"{role}.L2"] = torch.from_numpy(matrix[[row[text] for text in role_texts]])
 
     exported = SentenceTransformer(str(tmp_path / "L2"), device="cpu")  # plain: no peft, no remote code
     assert (tmp_path / "L2" / "model.safetensors").is_file() and not (tmp_path / "L2" / ADAPTER_WEIGHTS).exists()

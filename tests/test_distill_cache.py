@@ -14,19 +14,17 @@ from sentence_transformers.base.data_collator import BaseDataCollator
 from tests.conftest import MINILM
 from trainer.errors import UserError
 from trainer.grid import Cell, CellSelection, Grid
+from trainer.store import META_FILE, PROGRESS_FILE, model_revision
 from trainer.train.losses.distill import DistillationLoss
 from trainer.train.losses.elastic import ElasticLoss
 from trainer.train.losses.infonce import InfoNCELoss
 from trainer.train.losses.matryoshka2d import Matryoshka2dLoss
 from trainer.train.teacher import (
-    DATA_FILE,
-    META_FILE,
-    PROGRESS_FILE,
+    MATRIX,
     DistillConfig,
     TeacherEmbeddingCache,
     add_teacher_labels,
     load_teacher,
-    model_revision,
     teacher_dim,
 )
 
@@ -83,10 +81,10 @@ def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, teacher, damage) -> Non
     table, _ = make_cache(tmp_path, teacher).embeddings(TEXTS)
     reference = np.array(table)
     folder = cache_folder(tmp_path)
-    data = folder / DATA_FILE
+    data = folder / f"{MATRIX}.npy"
     if damage == "flip_bytes":
         raw = bytearray(data.read_bytes())
-        raw[100:108] = bytes(255 - b for b in raw[100:108])
+        raw[-108:-100] = bytes(255 - b for b in raw[-108:-100])  # inside the rows, not the .npy header
         data.write_bytes(bytes(raw))
     elif damage == "truncate_data":
         data.write_bytes(data.read_bytes()[:-2])
@@ -96,7 +94,7 @@ def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, teacher, damage) -> Non
     rebuilt, _ = cache.embeddings(TEXTS)
     assert cache.forward_passes == 3
     np.testing.assert_array_equal(np.asarray(rebuilt), reference)
-    assert json.loads((folder / META_FILE).read_text())["count"] == len(set(TEXTS))
+    assert json.loads((folder / META_FILE).read_text())["rows"] == len(set(TEXTS))
 
 
 def test_interrupted_build_resumes_at_last_chunk(tmp_path, teacher) -> None:
@@ -117,7 +115,7 @@ def test_interrupted_build_resumes_at_last_chunk(tmp_path, teacher) -> None:
     finally:
         hook.remove()
     folder = cache_folder(tmp_path / "run")
-    assert json.loads((folder / PROGRESS_FILE).read_text())["rows"] == 4
+    assert json.loads((folder / PROGRESS_FILE).read_text())["done"] == [0]  # the first chunk of 4 texts
     assert not (folder / META_FILE).exists()
 
     resumed = make_cache(tmp_path / "run", teacher)

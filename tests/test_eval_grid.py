@@ -14,13 +14,15 @@ import torch
 from sentence_transformers import SentenceTransformer
 from test_eval_helpers import make_beir_folder, make_tiny_model
 
-import eval.embeddings
+import trainer.cell_vectors
 from eval.cli import main
+from eval.embeddings import TaskEmbeddings
 from eval.runner import GridRequest, run_grid
 from eval.search import CellSearch
 from eval.tasks import resolve_task, task_texts
 from trainer.errors import UserError
 from trainer.grid import Cell, Grid
+from trainer.store import build_store
 
 SHARED_CRANFIELD = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cranfield"
 
@@ -48,14 +50,29 @@ def plain_ndcg(model: SentenceTransformer, task_spec: str) -> float:
 
 def count_encodes(monkeypatch: pytest.MonkeyPatch) -> Counter:
     seen: Counter = Counter()
-    real = eval.embeddings.encode_layers
+    real = trainer.cell_vectors.encode_layers
 
     def counting(model, texts, layers, **kwargs):
         seen.update(texts)
         return real(model, texts, layers, **kwargs)
 
-    monkeypatch.setattr(eval.embeddings, "encode_layers", counting)
+    monkeypatch.setattr(trainer.cell_vectors, "encode_layers", counting)
     return seen
+
+
+def stored(folder: Path, layer: int, query_ids, queries: torch.Tensor, doc_ids, docs: torch.Tensor) -> TaskEmbeddings:
+    """In-memory layer embeddings written as the two stores of a task (row i = id i)."""
+
+    def store(role: str, ids: list[str], matrix: torch.Tensor):
+        position = {item: i for i, item in enumerate(ids)}
+
+        def encode(batch: list[str]) -> dict:
+            return {f"L{layer}": matrix[[position[item] for item in batch]].numpy()}
+
+        return build_store(folder / role, role, ids, [f"L{layer}"], encode, chunk_size=7)
+
+    rows = {item: i for i, item in enumerate(query_ids)}, {item: i for i, item in enumerate(doc_ids)}
+    return TaskEmbeddings(store("query", query_ids, queries), store("doc", doc_ids, docs), *rows)
 
 
 def test_grid_ndcg_equals_plain_mteb_on_truncated_model(tiny, tmp_path):
@@ -137,14 +154,13 @@ def test_changed_judgments_are_rescored_not_reused(tiny, tmp_path):
     assert run_grid(request).scored_cells == 2
 
 
-def test_binary_cells_score_by_the_code_rule_and_rescore_by_float_query():
+def test_binary_cells_score_by_the_code_rule_and_rescore_by_float_query(tmp_path):
     torch.manual_seed(0)
     docs = torch.nn.functional.normalize(torch.randn(20, 16), dim=-1)
-    from eval.embeddings import LayerEmbeddings
     from eval.runner import cell_meta
 
     ids = [f"d{i}" for i in range(20)]
-    emb = LayerEmbeddings(ids[:5], ids, {1: docs[:5]}, {1: docs})
+    emb = stored(tmp_path, 1, ids[:5], docs[:5], ids, docs)
     cell = Cell(1, 16, 1)
     search = CellSearch(cell, emb, cell_meta("m", "r", cell, 0))
     search.index({"id": ids})
@@ -248,9 +264,8 @@ def test_bad_input_exits_2_with_one_message_and_keeps_results(tiny, tmp_path, ca
     assert not (out / "results").exists()
 
 
-def test_grid_ranks_a_multi_bit_cell_exactly_by_the_code_score():
+def test_grid_ranks_a_multi_bit_cell_exactly_by_the_code_score(tmp_path):
     """500 documents, top 10: the grid's ranking of a 2-bit cell of trained heads is code_scores' ranking."""
-    from eval.embeddings import LayerEmbeddings
     from eval.runner import cell_meta
     from trainer.binary.codes import code_scores
     from trainer.binary.heads import BinaryHeads
@@ -268,7 +283,7 @@ def test_grid_ranks_a_multi_bit_cell_exactly_by_the_code_score():
     doc_ids, query_ids = [f"d{i}" for i in range(500)], [f"q{i}" for i in range(40)]
     cell = Cell(2, 32, 2)
     search = CellSearch(
-        cell, LayerEmbeddings(query_ids, doc_ids, {2: queries}, {2: docs}), cell_meta("m", "r", cell, 0), heads
+        cell, stored(tmp_path, 2, query_ids, queries, doc_ids, docs), cell_meta("m", "r", cell, 0), heads
     )
     search.index({"id": doc_ids})
     result = search.search({"id": query_ids}, top_k=10)

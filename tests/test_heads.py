@@ -288,7 +288,7 @@ def test_fit_heads_learns_codes_that_preserve_neighbours():
 
 
 def test_train_heads_only_caches_embeddings_and_saves_heads(tiny_model, tmp_path, monkeypatch):
-    import trainer.train.head_only as head_only
+    import trainer.cell_vectors
 
     texts = [f"sentence number {i} about topic {i % 3}" for i in range(24)]
     pairs = [(texts[0], texts[3]), (texts[1], "a new text only in pairs")]
@@ -299,13 +299,13 @@ def test_train_heads_only_caches_embeddings_and_saves_heads(tiny_model, tmp_path
     loaded = BinaryHeads.load(tmp_path)
     x = unit(5, 32)
     np.testing.assert_array_equal(loaded.encode(x, Cell(4, 32, 2)).packed, heads.encode(x, Cell(4, 32, 2)).packed)
-    assert len(list((tmp_path / "binary_heads_cache").glob("layers-*.pt"))) == 1
+    assert len(list((tmp_path / "binary_heads_cache").glob("layers-*/meta.json"))) == 1
 
     def fail(*args, **kwargs):
         raise AssertionError("the cached embeddings should have been reused")
 
     config.cache_dir = str(tmp_path / "binary_heads_cache")
-    monkeypatch.setattr(head_only, "encode_layers", fail)
+    monkeypatch.setattr(trainer.cell_vectors, "encode_layers", fail)
     train_heads_only(tiny_model, texts, pairs, grid, config, tmp_path / "again")
     assert BinaryHeads.load(tmp_path / "again") is not None
 

@@ -16,13 +16,15 @@ For a cell ``L<l>-D<d>-B<b>`` and a text:
    is the sign of each coordinate. Codes score by ``trainer.binary.codes.code_scores``.
 
 ``layer_embeddings`` does steps 1-2 for several layers from ONE forward pass (``output_hidden_states``);
-``cell_vector`` step 3; ``cell_codes`` step 4; ``encode_layers`` runs steps 1-2 over texts in batches.
+``cell_vector`` step 3; ``cell_codes`` step 4; ``encode_layers`` runs steps 1-2 over texts in batches, and
+``LayerEncoder`` is it as the chunk encoder of an on-disk store (``trainer.store``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -203,6 +205,43 @@ def encode_layers(
     inverse = torch.empty(len(texts), dtype=torch.long)
     inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(texts))
     return {layer: torch.cat(parts)[inverse] if parts else torch.empty(0) for layer, parts in chunks.items()}
+
+
+def layer_name(layer: int) -> str:
+    """The name of a layer's matrix in a store: ``L<layer>``."""
+    return f"L{layer}"
+
+
+@dataclass
+class LayerEncoder:
+    """``encode_layers`` as a store's chunk encoder: ``{"L<l>": float32 (N, D)}`` per layer; ``to(device)``
+    moves the model, so that ``trainer.store.build_store`` can run one copy per device."""
+
+    model: SentenceTransformer
+    layers: tuple[int, ...]
+    batch_size: int = 64
+    prompt: str | None = None
+
+    def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
+        encoded = encode_layers(self.model, texts, self.layers, batch_size=self.batch_size, prompt=self.prompt)
+        return {layer_name(layer): emb.numpy() for layer, emb in encoded.items()}
+
+    def to(self, device: str) -> LayerEncoder:
+        self.model.to(device)
+        return self
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickled in a worker process: transformers (5.x) registers which outputs a model class can record
+        (``output_hidden_states``) in ``PreTrainedModel.__init__``, which unpickling skips; without that
+        registration no hidden states come back, so register them as ``__init__`` does."""
+        self.__dict__.update(state)
+        try:
+            from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+        except ImportError:  # transformers without output recorders returns hidden states by itself
+            return
+        for module in self.model.modules():
+            if hasattr(module, "_can_record_outputs"):
+                _CAN_RECORD_REGISTRY[module] = module._can_record_outputs
 
 
 def encode_cell(

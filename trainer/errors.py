@@ -4,11 +4,14 @@ Code anywhere in the project raises ``UserError`` for input a user can fix (a re
 file, a checkpoint); the message names the file or key, the value and what would be valid. ``run_cli``
 turns it into ``error: <message>`` and exit code 2; any other exception is a bug and keeps its traceback.
 Ctrl-C prints one line saying what was kept and how to resume, and exits with 130 like a shell does.
+The project's own info lines (``trainer.*``, ``eval.*`` loggers, e.g. "teacher cache: 4,700 texts reused from
+...") go to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable
 
@@ -37,6 +40,9 @@ class OneLineParser(argparse.ArgumentParser):
 
 def run_cli(command: Callable[[], None], on_interrupt: str = "interrupted; nothing was lost") -> None:
     """Run ``command``; a ``UserError`` becomes ``error: ...`` and exit 2, Ctrl-C ``on_interrupt`` and exit 130."""
+    logging.basicConfig(format="%(message)s")
+    for package in ("trainer", "eval"):
+        logging.getLogger(package).setLevel(logging.INFO)
     try:
         command()
     except UserError as error:

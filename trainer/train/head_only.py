@@ -10,21 +10,21 @@ it writes ``checkpoint-<step>`` folders and resumes from them (``--resume_from_c
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import random
 from pathlib import Path
 
+import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 from torch import Tensor
 
 from trainer.binary.heads import BinaryHeads
-from trainer.cell_vectors import cell_vector, embedding_dim, encode_layers, num_layers, transformer_config
+from trainer.cell_vectors import LayerEncoder, cell_vector, embedding_dim, layer_name, num_layers, transformer_config
 from trainer.errors import UserError
 from trainer.grid import Cell, Grid
+from trainer.store import build_store, text_key
 from trainer.train.losses.binary import EmbeddingToEmbeddingLoss
 from trainer.train.recipe import BinaryConfig
 
@@ -34,29 +34,24 @@ CACHE_FOLDER = "binary_heads_cache"
 CHECKPOINT_STATE = "head_only_state.pt"
 
 
-def cache_key(model: SentenceTransformer, texts: list[str], layers: tuple[int, ...]) -> str:
-    """Identifies (model, texts, layers, max length): a changed input never reuses a stale cache."""
-    digest = hashlib.sha256()
-    header = [transformer_config(model).name_or_path, model.max_seq_length, list(layers), len(texts)]
-    digest.update(json.dumps(header).encode())
-    for text in texts:
-        digest.update(text.encode("utf-8") + b"\0")
-    return digest.hexdigest()[:24]
-
-
 def cached_layer_embeddings(
     model: SentenceTransformer, texts: list[str], layers: tuple[int, ...], cache_dir: Path, batch_size: int = 64
 ) -> dict[int, Tensor]:
-    """Float32 embeddings of every layer for ``texts``, read from ``cache_dir`` or computed once and written."""
-    path = Path(cache_dir) / f"layers-{cache_key(model, texts, layers)}.pt"
-    if path.is_file():
-        logger.info("binary heads: float embeddings read from %s", path)
-        return torch.load(path, weights_only=True)
-    embeddings = encode_layers(model, texts, layers, batch_size=batch_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_atomically(embeddings, path)
-    logger.info("binary heads: float embeddings of %d texts cached in %s", len(texts), path)
-    return embeddings
+    """Float32 embeddings of every layer for ``texts`` (row i = texts[i]), from a store (``trainer.store``) in
+    ``cache_dir`` keyed by (model, max length, texts), built once."""
+    unique = list(dict.fromkeys(texts))
+    key = text_key([transformer_config(model).name_or_path, model.max_seq_length], unique)
+    store = build_store(
+        Path(cache_dir) / f"layers-{key[:24]}",
+        key,
+        unique,
+        [layer_name(layer) for layer in layers],
+        LayerEncoder(model, tuple(layers), batch_size),
+        label="binary heads cache",
+    )
+    row = {text: i for i, text in enumerate(unique)}
+    index = np.array([row[text] for text in texts])
+    return {layer: torch.from_numpy(store.take(layer_name(layer), index)) for layer in layers}
 
 
 def _check(model: SentenceTransformer, grid: Grid, config: BinaryConfig) -> None:

@@ -1,0 +1,232 @@
+"""Grid scoring at MTEB scale: 60 cells over an on-disk store of a synthetic corpus; time, GB/s, peak memory.
+
+A synthetic corpus with all-MiniLM-L6-v2's shapes (random unit vectors, 6 layers x 384 dims, a float16 store
+written chunk by chunk by ``trainer.store``; the encoder is not the subject) and 1,000 random unit queries go
+through the grid's scoring (``eval.scan``: ``float_top_k`` / ``code_top_k``, top 1,000 per query as mteb asks)
+for 60 cells: layers 1, 2, 4, 6 x dims 32, 64, 128, 256, 384 x {B32, B1, B2} (sign / residual sign codes).
+
+Per cell: seconds; GB/s scanned = queries x documents x bytes per vector / seconds (the definition of
+BENCHMARKS.md section 3: float32 cells 4 bytes per dim, codes bits / 8); for matrix-product cells (B32, B2)
+GFLOP/s and their share of the machine's matrix-multiply throughput measured in the same run on the same shape
+((queries x d) @ (d x chunk) float32, ``matmul GFLOP/s``); peak resident memory of the process during the
+cell (``VmHWM``, reset before each cell; the store is read with file reads, never mapped, so it is not in it).
+Also: the peak over all cells minus the resident memory before scoring, a 4096^3 float32 product, and one
+cell through ``CellSearch.search`` (the mteb result dicts included). The documents count grows by size; the
+sizes run largest first, each in a fresh process, so every peak is its own.
+
+    python bench/grid_scale.py                  # 1M and 200k documents (the 1M store is 4.6 GB on disk)
+    python bench/grid_scale.py --docs 200000    # one size
+    python bench/grid_scale.py --smoke          # seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.common import markdown, write_result
+from eval.embeddings import TaskEmbeddings
+from eval.runner import cell_meta
+from eval.scan import chunk_rows, code_top_k, float_top_k
+from eval.search import CellSearch
+from trainer.cell_vectors import cell_codes, cell_vector, layer_name
+from trainer.grid import Cell, Grid
+from trainer.store import EmbeddingStore, StoreWriter
+
+LAYERS, WIDTH = 6, 384  # all-MiniLM-L6-v2
+
+
+def peak_mib(reset: bool = False) -> float:
+    """The process's peak resident memory (VmHWM) in MiB; ``reset`` starts a new peak (Linux clear_refs 5)."""
+    status = Path("/proc/self/status").read_text()
+    peak = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
+    if reset:
+        Path("/proc/self/clear_refs").write_text("5")
+    return peak
+
+
+def resident_mib() -> float:
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS"))) / 1024
+
+
+def unit_rows(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    x = rng.standard_normal((n, dim), dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def synthetic_store(folder: Path, docs: int, chunk: int = 16384) -> EmbeddingStore:
+    """``docs`` random unit vectors per layer, written chunk by chunk as a float16 store."""
+    rng = np.random.default_rng(0)
+    dims = {layer_name(layer): WIDTH for layer in range(1, LAYERS + 1)}
+    writer = StoreWriter(folder, "synthetic", docs, dims, "float16", chunk)
+    writer.create_files()
+    for index in range(writer.chunks):
+        rows = min(chunk, docs - index * chunk)
+        writer.write(index, {name: unit_rows(rng, rows, WIDTH) for name in dims})
+    return writer.finish()
+
+
+def matmul_gflops(queries: int, dim: int, rows: int, repeats: int = 3) -> float:
+    """Median GFLOP/s of a float32 (queries x dim) @ (dim x rows) product: the machine's matmul throughput."""
+    a, b = torch.randn(queries, dim), torch.randn(rows, dim)
+    a @ b.T
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b.T
+        times.append(time.perf_counter() - start)
+    return 2 * queries * dim * rows / float(np.median(times)) / 1e9
+
+
+def score(cell: Cell, queries: torch.Tensor, store: EmbeddingStore, k: int) -> float:
+    """Seconds to score one cell the grid's way (query codes included)."""
+    start = time.perf_counter()
+    query = cell_vector({cell.layers: queries}, cell.with_bits(32))
+    if cell.is_float:
+        float_top_k(query, store, cell, k)
+    else:
+        code_top_k(cell_codes(query, cell, None), store, cell, None, k)
+    return time.perf_counter() - start
+
+
+def query_store(folder: Path, query_layers: dict[int, torch.Tensor]) -> EmbeddingStore:
+    queries = len(query_layers[1])
+    writer = StoreWriter(
+        folder, "queries", queries, {layer_name(layer): WIDTH for layer in query_layers}, "float32", queries
+    )
+    writer.create_files()
+    writer.write(0, {layer_name(layer): matrix.numpy() for layer, matrix in query_layers.items()})
+    return writer.finish()
+
+
+def mteb_search_seconds(docs: EmbeddingStore, queries: EmbeddingStore, cell: Cell, k: int) -> float:
+    """One cell through ``CellSearch`` (index + search), which also builds mteb's {query: {doc: score}} dicts."""
+    query_rows = {f"q{i}": i for i in range(queries.rows)}
+    doc_rows = {f"d{i}": i for i in range(docs.rows)}
+    search = CellSearch(cell, TaskEmbeddings(queries, docs, query_rows, doc_rows), cell_meta("synthetic", "r", cell, 0))
+    start = time.perf_counter()
+    search.index({"id": list(doc_rows)})
+    search.search({"id": list(query_rows)}, top_k=k)
+    return time.perf_counter() - start
+
+
+def one_size(docs: int, queries: int, grid: Grid, k: int, workdir: Path) -> list[dict]:
+    """Build the store of ``docs`` documents, score every cell, return one row per cell and a summary row."""
+    build_start = time.perf_counter()
+    store = synthetic_store(workdir / "docs", docs)
+    build_s = time.perf_counter() - build_start
+    rng = np.random.default_rng(1)
+    query_layers = {layer: torch.from_numpy(unit_rows(rng, queries, WIDTH)) for layer in range(1, LAYERS + 1)}
+    chunk = chunk_rows(queries, WIDTH)
+    reference = {dim: matmul_gflops(queries, dim, chunk) for dim in sorted(set(grid.dims))}
+    before = resident_mib()
+    rows = []
+    for cell in grid.all_cells():
+        peak_mib(reset=True)
+        seconds = score(cell, query_layers[cell.layers], store, k)
+        product = cell.is_float or cell.bits > 1  # scored by matrix products (B1: faiss popcounts)
+        gflops = 2 * queries * docs * cell.dim / seconds / 1e9
+        rows.append(
+            {
+                "docs": docs,
+                "cell": str(cell),
+                "s": round(seconds, 3),
+                "GB/s scanned": round(queries * docs * cell.bytes_per_vector / seconds / 1e9, 2),
+                "GFLOP/s": round(gflops, 1) if product else None,
+                "matmul GFLOP/s": round(reference[cell.dim], 1) if product else None,
+                "of matmul": round(gflops / reference[cell.dim], 3) if product else None,
+                "peak RSS MiB": round(peak_mib(), 1),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    peak = max(row["peak RSS MiB"] for row in rows)
+    search_s = mteb_search_seconds(store, query_store(workdir / "queries", query_layers), Cell(LAYERS, WIDTH, 1), k)
+    summary = {
+        "docs": docs,
+        "cell": "summary",
+        "cells": len(rows),
+        "total s": round(sum(row["s"] for row in rows), 1),
+        "store build s": round(build_s, 1),
+        "store GB": round(sum(store.path(name).stat().st_size for name in store.dims) / 1e9, 2),
+        "RSS before scoring MiB": round(before, 1),
+        "peak RSS MiB": peak,
+        "peak over before MiB": round(peak - before, 1),
+        "square matmul GFLOP/s": round(matmul_gflops(4096, 4096, 4096, repeats=2), 1),
+        "L6-D384-B1 via CellSearch s": round(search_s, 3),
+    }
+    print(json.dumps(summary), flush=True)
+    return [*rows, summary]
+
+
+def by_bits(rows: list[dict]) -> list[dict]:
+    """Per size and bit depth: cells, seconds, aggregate GB/s, share of matmul throughput (min, mean), peak RSS."""
+    table = []
+    for docs in dict.fromkeys(row["docs"] for row in rows):
+        for bits in (32, 1, 2):
+            cells = [r for r in rows if r["docs"] == docs and r["cell"].endswith(f"-B{bits}")]
+            if not cells:
+                continue
+            shares = [r["of matmul"] for r in cells if r["of matmul"] is not None]
+            scanned = sum(r["GB/s scanned"] * r["s"] for r in cells)
+            table.append(
+                {
+                    "docs": docs,
+                    "bits": bits,
+                    "cells": len(cells),
+                    "s/cell mean": round(float(np.mean([r["s"] for r in cells])), 2),
+                    "total s": round(sum(r["s"] for r in cells), 1),
+                    "GB/s scanned (all cells)": round(scanned / sum(r["s"] for r in cells), 2),
+                    "GB/s min..max": "{}..{}".format(*(f(r["GB/s scanned"] for r in cells) for f in (min, max))),
+                    "of matmul min / mean": f"{min(shares):.2f} / {np.mean(shares):.2f}" if shares else "-",
+                    "peak RSS MiB": max(r["peak RSS MiB"] for r in cells),
+                }
+            )
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--docs", type=int, nargs="+", default=[1_000_000, 200_000], help="corpus sizes, in order")
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--top-k", type=int, default=1000, help="documents kept per query (mteb asks 1000)")
+    parser.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4, 6])
+    parser.add_argument("--dims", type=int, nargs="+", default=[32, 64, 128, 256, 384])
+    parser.add_argument("--workdir", help="folder for the stores (default: a temporary folder under /tmp)")
+    parser.add_argument("--smoke", action="store_true", help="3,000 documents, 20 queries, 12 cells; seconds")
+    parser.add_argument("--one-size", action="store_true", help=argparse.SUPPRESS)  # a child process
+    args = parser.parse_args()
+    if args.smoke:
+        args.docs, args.queries, args.layers, args.dims = [3000], 20, [1, 6], [32, 384]
+    grid = Grid.from_spec(layers=args.layers, dims=args.dims, bits=[32, 1, 2])
+    root = Path(tempfile.mkdtemp(prefix="grid-scale-", dir=args.workdir))
+    try:
+        if args.one_size:
+            print("ROWS " + json.dumps(one_size(args.docs[0], args.queries, grid, args.top_k, root)))
+            return
+        rows = []
+        for docs in args.docs:  # a fresh process per size: its own peak memory
+            child = [sys.executable, __file__, "--one-size", "--docs", str(docs), "--queries", str(args.queries)]
+            child += ["--top-k", str(args.top_k), "--layers", *map(str, args.layers), "--dims", *map(str, args.dims)]
+            child += ["--workdir", str(root)]
+            output = subprocess.run(child, check=True, capture_output=True, text=True).stdout
+            rows += json.loads(next(line[5:] for line in output.splitlines() if line.startswith("ROWS ")))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    cells = [row for row in rows if row["cell"] != "summary"]
+    print(markdown(by_bits(cells)))
+    print(markdown([row for row in rows if row["cell"] == "summary"]))
+    print(write_result("grid_scale", "python " + " ".join(sys.argv), rows, args.smoke))
+
+
+if __name__ == "__main__":
+    main()
