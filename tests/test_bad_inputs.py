@@ -215,7 +215,7 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     (
         "resume_nothing",
         [*TRAIN, *GOOD, "--resume_from_checkpoint", "true"],
-        ["resume_from_checkpoint", "no checkpoint"],
+        ["resume_from_checkpoint", "no complete checkpoint"],
     ),
     ("model_missing", [*TRAIN, *GOOD, "--model.name", "./no-such-model"], ["model.name", "no-such-model"]),
     ("recipe_missing", [*TRAIN, "recipes/nope.yaml"], ["recipes/nope.yaml", "does not exist"]),
