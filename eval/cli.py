@@ -103,5 +103,6 @@ def main(argv: list[str] | None = None) -> None:
         return
     run_cli(
         lambda: run(args),
-        on_interrupt="every cell scored so far is kept in the output folder; rerun the same command to resume",
+        on_interrupt="the texts encoded and the cells scored so far are kept in the output folder; rerun the same "
+        "command to resume",
     )

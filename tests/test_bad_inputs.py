@@ -417,7 +417,7 @@ def test_ctrl_c_during_evaluation_is_one_line_saying_how_to_resume_and_exit_130(
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a terminal would start it
         )
         deadline = time.monotonic() + 300
-        while "Encoding" not in stderr_path.read_text() and process.poll() is None and time.monotonic() < deadline:
+        while "documents:" not in stderr_path.read_text() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         process.send_signal(signal.SIGINT)
         code = process.wait(timeout=120)
@@ -425,5 +425,6 @@ def test_ctrl_c_during_evaluation_is_one_line_saying_how_to_resume_and_exit_130(
     lines = [line for line in text.replace("\r", "\n").splitlines() if line.strip()]
     assert code == 130 and "Traceback" not in text, text
     assert lines[-1] == (
-        "interrupted: every cell scored so far is kept in the output folder; rerun the same command to resume"
+        "interrupted: the texts encoded and the cells scored so far are kept in the output folder; rerun the same "
+        "command to resume"
     )
