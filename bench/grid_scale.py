@@ -141,7 +141,7 @@ def one_size(docs: int, queries: int, grid: Grid, k: int, workdir: Path) -> list
                 "docs": docs,
                 "cell": str(cell),
                 "s": round(seconds, 3),
-                "GB/s scanned": round(queries * docs * cell.bytes_per_vector / seconds / 1e9, 2),
+                "GB/s scanned": float(f"{queries * docs * cell.bytes_per_vector / seconds / 1e9:.3g}"),
                 "GFLOP/s": round(gflops, 1) if product else None,
                 "matmul GFLOP/s": round(reference[cell.dim], 1) if product else None,
                 "of matmul": round(gflops / reference[cell.dim], 3) if product else None,
