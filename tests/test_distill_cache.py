@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 
 import datasets
 import numpy as np
@@ -44,6 +46,16 @@ def make_cache(tmp_path, teacher, **kwargs) -> TeacherEmbeddingCache:
 def cache_folder(tmp_path):
     (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     return folder
+
+
+def test_cache_build_shows_its_progress_and_a_reuse_says_so(tmp_path, teacher, capsys, caplog) -> None:
+    make_cache(tmp_path, teacher).embeddings(TEXTS)
+    progress = capsys.readouterr().err.replace("\r", "\n")
+    count = rf"{len(TEXTS)}(\.0)?"  # tqdm's unit_scale writes 12 as 12.0 (and 4,700 as 4.70k)
+    assert re.search(rf"teacher cache: 100%.*\| {count}/{count} \[.*text/s\]", progress), progress
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        make_cache(tmp_path, teacher).embeddings(TEXTS)
+    assert f"teacher cache: {len(TEXTS)} texts reused from {cache_folder(tmp_path)}" in caplog.text
 
 
 def test_teacher_is_frozen(teacher) -> None:
