@@ -276,7 +276,7 @@ def test_an_adapter_checkpoint_without_its_base_model_is_one_clear_error(trained
         (lambda m: m.update(lora={"rank": 4}), r"model.lora.rank: unknown key"),
         (lambda m: m.update(lora={"dropout": 1.5}), r"model.lora.dropout: 1.5 is not valid"),
         (lambda m: m.update(lora={"target_modules": []}), r"model.lora.target_modules: \[\] is not valid"),
-        (lambda m: m.update(lora="yes"), r"model.lora: expected a mapping"),
+        (lambda m: m.update(lora="yes"), r"model.lora: 'yes' is not valid; expected a mapping of settings \(r, alpha"),
         (lambda m: m.update(prompts=["Query: "]), r"model.prompts: \['Query: '\] is not valid"),
     ],
 )

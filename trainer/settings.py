@@ -93,6 +93,9 @@ def describe(hint: Any) -> str:
         return f"a list like [a, b] of {describe(args[0])}" if args else "a list like [a, b]"
     if origin is dict or hint is dict:
         return "a mapping like {key: value}"
+    if dataclasses.is_dataclass(hint):
+        fields = ", ".join(f.name for f in dataclasses.fields(hint) if f.init)
+        return f"a mapping of settings ({fields})"
     return getattr(hint, "__name__", str(hint))
 
 
