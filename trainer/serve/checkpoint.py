@@ -125,8 +125,12 @@ def _unreadable(name: str, error: Exception, key: str) -> UserError:
 
 
 def model_shape(name: str, revision: str | None = None, key: str = "model") -> tuple[int, int]:
-    """(transformer layers, sentence-embedding dim) from the model's config files, without loading weights."""
+    """(transformer layers, sentence-embedding dim) from the model's config files, without loading weights; a
+    LoRA checkpoint (adapters only) has the layers of the base model its ``adapter_config.json`` names."""
     config = read_model_json(name, "config.json", revision, key)
+    adapters = read_model_json(name, ADAPTER_CONFIG, revision, key) if config is None else None
+    if isinstance(adapters, dict) and adapters.get("base_model_name_or_path"):
+        config = read_model_json(adapters["base_model_name_or_path"], "config.json", None, key)
     if not isinstance(config, dict) or "num_hidden_layers" not in config:
         raise UserError(f"{key}: {name!r} has no config.json with num_hidden_layers")
     dim = config.get("hidden_size")
