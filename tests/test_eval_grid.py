@@ -49,14 +49,15 @@ def plain_ndcg(model: SentenceTransformer, task_spec: str) -> float:
 
 
 def count_encodes(monkeypatch: pytest.MonkeyPatch) -> Counter:
+    """Texts the grid's stores encode (the cost measurement's timed samples are not counted)."""
     seen: Counter = Counter()
-    real = trainer.cell_vectors.encode_layers
+    real = trainer.cell_vectors.LayerEncoder.__call__
 
-    def counting(model, texts, layers, **kwargs):
+    def counting(self, texts):
         seen.update(texts)
-        return real(model, texts, layers, **kwargs)
+        return real(self, texts)
 
-    monkeypatch.setattr(trainer.cell_vectors, "encode_layers", counting)
+    monkeypatch.setattr(trainer.cell_vectors.LayerEncoder, "__call__", counting)
     return seen
 
 
