@@ -10,6 +10,7 @@ never printed or written. ``dry_run`` writes the staged files to a folder and up
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,6 +29,8 @@ from trainer.manifest import MANIFEST_NAME, read_manifest
 from trainer.outputs import check_writable_folder
 from trainer.serve.card import render_card
 from trainer.serve.checkpoint import check_model_folder
+
+logger = logging.getLogger(__name__)
 
 SKIPPED = ("checkpoint-", "training_args.bin", "runs", "eval", "README.md")
 PLOT_FILES = ("pareto.png", "pareto-latency.png")
@@ -138,8 +141,10 @@ def stage(checkpoint: Path, target: Path, repo_id: str, grid_dir: Path | None, c
     """Write every file to upload into ``target``; returns their relative paths."""
     manifest = check_checkpoint(checkpoint)
     grid = _load_grid(grid_dir, manifest, cells)
+    logger.info("publish: staging %s for %s in %s", checkpoint, repo_id, target)
     skipped = SKIPPED
     if is_adapter_checkpoint(checkpoint):  # LoRA: publish plain weights that load without peft
+        logger.info("publish: merging the LoRA adapters into plain weights")
         model = SentenceTransformer(str(check_model_folder(checkpoint, "checkpoint")), device="cpu")
         merge_lora(model)
         model.save(str(target))
@@ -191,6 +196,8 @@ def publish(
         return stage(checkpoint, target, repo_id, grid_dir, cells)
     with tempfile.TemporaryDirectory() as staging:
         files = stage(checkpoint, Path(staging), repo_id, grid_dir, cells)
+        size = sum(p.stat().st_size for p in Path(staging).rglob("*") if p.is_file())
+        logger.info("publish: uploading %d files (%.1f MB) to %s", len(files), size / 1e6, repo_id)
         api = HfApi()
         api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
         api.upload_folder(
