@@ -1,6 +1,8 @@
 """All terms in one recipe: 2D Matryoshka contrastive, binary codes and distillation, with and without labels."""
 
 import json
+import logging
+import re
 
 import pytest
 
@@ -63,13 +65,20 @@ def test_label_free_self_distillation_with_codes(tiny_model_path, tmp_path, beir
     assert not any(key.startswith(("loss/", "bin/")) for key in keys)  # one column: nothing to contrast
 
 
-def test_pairs_and_texts_mixed_with_a_teacher(tiny_model_path, tmp_path, beir_folder):
+def test_pairs_and_texts_mixed_with_a_teacher(tiny_model_path, tmp_path, beir_folder, caplog):
     sources = [{"beir": str(beir_folder), "name": "pairs"}, {"texts": str(beir_folder), "name": "texts"}]
     distill = {"teacher": "self", "cache_dir": str(tmp_path / "teacher-cache")}
     run = recipe(tiny_model_path, tmp_path, sources, distill=distill)
     run.training["max_steps"] = 6
-    keys = logged_keys(train(run))
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        keys = logged_keys(train(run))
     assert {"loss/L2-D16", "kl/L2-D16", "cos/L4-D32", "sim/L2-D16"} <= keys
+    summary = caplog.text  # the start-of-run summary says what will run, on what, and where it goes
+    assert f"model: {tiny_model_path} (4 layers x 32 dims" in summary
+    assert "cells (starbucks): last layer" in summary and "earlier L2-D16" in summary
+    assert "teacher: self" in summary
+    assert re.search(r"data: pairs 16, texts \d+ \(total \d+\) rows", summary), summary
+    assert "steps: 6, batch 8 per device" in summary and f"output: {tmp_path / 'run'}" in summary
 
 
 def test_label_free_texts_without_a_teacher_are_refused(tiny_model_path, tmp_path, beir_folder):
