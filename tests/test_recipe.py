@@ -66,7 +66,7 @@ def test_overrides_reach_training_and_nested_keys(raw):
         (lambda r: r["loss"].update(cells=[]), r"loss.cells: no cells given"),
         (lambda r: r["loss"].update(scale=0), r"loss.scale: must be > 0, got 0"),
         (lambda r: r["loss"].update(mini_batch_size=0), r"loss.mini_batch_size: 0 is not valid; give a positive"),
-        (lambda r: r["loss"].update(mini_batch_size="8"), r"loss.mini_batch_size: '8' is not valid"),
+        (lambda r: r["loss"].update(mini_batch_size="eight"), r"loss.mini_batch_size: 'eight' is not valid"),
         (lambda r: r["data"].update(train=[]), r"data.train: no training data"),
         (lambda r: r["training"].pop("output_dir"), r"training.output_dir: missing"),
         (lambda r: r.pop("model"), r"model: missing section"),

@@ -506,7 +506,8 @@ def section_classes() -> dict[str, type]:
     return sections
 
 
-OUR_TRAINING_KEYS = {"overwrite_output_dir": bool}
+# Keys this project reads itself; ``resume_from_checkpoint: true`` (a YAML boolean) means the latest checkpoint.
+OUR_TRAINING_KEYS = {"overwrite_output_dir": bool, "resume_from_checkpoint": bool | str | None}
 NOT_TRAINING_ARGUMENTS = ("overwrite_output_dir", "resume_from_checkpoint")  # handled by trainer.train.run
 STEPS = "a number > 0 (a fraction of the total steps when < 1)"
 TRAINING_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {

@@ -16,6 +16,7 @@ from datasets import Dataset, DatasetDict
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, set_seed
+from transformers.trainer import TRAINER_STATE_NAME
 
 from trainer.binary.heads import BinaryHeads
 from trainer.cell_vectors import embedding_dim, num_layers
@@ -56,10 +57,11 @@ def resolve_resume(recipe: Recipe) -> str | None:
 
 def last_complete_checkpoint(recipe: Recipe) -> str | None:
     """The newest ``checkpoint-<step>`` folder of output_dir whose saving finished, i.e. that holds the file
-    written into it last (the cell selection's state; head-only training's state). A run killed while saving
-    leaves its newest folder incomplete; that one is skipped with a warning."""
+    written into it last (the Trainer's ``trainer_state.json``, after the loss state and the model; head-only
+    training's state). A run killed while saving leaves its newest folder incomplete; that one is skipped with
+    a warning."""
     head_only = recipe.binary is not None and recipe.binary.mode == "head-only"
-    marker = CHECKPOINT_STATE if head_only else SELECTION_FILE
+    marker = CHECKPOINT_STATE if head_only else TRAINER_STATE_NAME
     folders = [f for f in recipe.output_dir.glob("checkpoint-*") if f.name.split("-", 1)[1].isdigit()]
     for folder in sorted(folders, key=lambda f: int(f.name.split("-", 1)[1]), reverse=True):
         if (folder / marker).is_file():
