@@ -10,6 +10,7 @@ import typing
 import pytest
 import yaml
 
+from tests.conftest import REPO, requires_shared_data
 from trainer.errors import UserError
 from trainer.settings import Plain, read_yaml, typed_value
 from trainer.train.recipe import (
@@ -168,6 +169,17 @@ def test_the_demo_overrides_build_training_arguments():
     args = training_arguments(training)
     assert args.save_strategy == SaveStrategy.NO and args.eval_strategy == IntervalStrategy.NO
     assert args.report_to == [] and args.hub_strategy == "end"
+
+
+def test_the_demo_recipe_takes_the_no_and_none_overrides(caplog):
+    """configs/demo.yaml (with its evaluation section) accepts them; with no evaluation strategy its per-cell
+    evaluation does not run, as the Trainer does, and a warning says so."""
+    requires_shared_data("cranfield")
+    overrides = ["--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none"]
+    recipe = load_recipe(str(REPO / "configs" / "demo.yaml"), overrides)
+    assert (recipe.training["save_strategy"], recipe.training["eval_strategy"]) == ("no", "no")
+    assert recipe.training["report_to"] == "none"
+    assert "the per-cell evaluation will not run" in caplog.text
 
 
 def test_recipe_files_are_typed_like_the_command_line(tmp_path, tiny_model_path):

@@ -14,6 +14,7 @@ rate > 0, batch sizes >= 1, ...), and the output folder must be writable.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -30,6 +31,8 @@ from trainer.grid import FLOAT_BITS, Cell, Grid, parse_cells
 from trainer.outputs import check_writable_folder
 from trainer.serve.checkpoint import model_shape
 from trainer.settings import Plain, build_dataclass, did_you_mean, field_types, read_yaml, typed_value
+
+logger = logging.getLogger(__name__)
 
 LOSS_TYPES = ("starbucks", "2dmse", "grid")
 
@@ -444,8 +447,8 @@ def check_evaluation(recipe: Recipe, trained: Grid, num_layers: int, embedding_d
         raise UserError(f"evaluation.batch_size: {size!r} is not valid; give a positive integer")
     if recipe.binary is not None and recipe.binary.mode == "head-only":
         raise UserError("evaluation: head-only binary training runs no Trainer; score it with `python -m eval grid`")
-    if recipe.training.get("eval_strategy", "no") in ("no", None):
-        raise UserError("evaluation: training.eval_strategy is 'no', so it would never run; set eval_strategy: steps")
+    if recipe.training.get("eval_strategy", "no") in ("no", None):  # as the Trainer does: no evaluation runs
+        logger.warning("evaluation: training.eval_strategy is 'no', so the per-cell evaluation will not run")
     full = Cell(num_layers, embedding_dim)
     try:
         grid = evaluation.grid(trained, full, recipe.binary.bits if recipe.binary else [])
