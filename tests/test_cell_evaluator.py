@@ -134,7 +134,6 @@ def test_capped_dev_set_is_a_beir_folder_that_keeps_judged_documents(tmp_path):
         (lambda r: r["evaluation"].update(bits=[4]), "bits=4 was not trained"),
         (lambda r: r["evaluation"].update(cells=["L3-D24"], bits=[1]), "D24 has no binary head|multiple of 8"),
         (lambda r: r["evaluation"].update(primary="L1-D8"), "evaluation.primary: L1-D8-B32 is not scored"),
-        (lambda r: r["training"].update(eval_strategy="no"), "eval_strategy is 'no'"),
         (lambda r: r["training"].update(metric_for_best_model="eval_beir-test_ndcg@10_L9"), "is not logged"),
         (lambda r: r["binary"].update(mode="head-only"), "head-only binary training runs no Trainer"),
     ],
