@@ -129,6 +129,21 @@ def train(name: str, recipe: dict, seed: int, runs: Path, log: Path, overrides: 
     return folder / "model"
 
 
+def earlier_scores(payload: dict) -> dict[tuple[str, int], tuple[dict, dict | None]]:
+    """(model, seed) -> (scores, sign-code scores or None) from an earlier result of this script, whose
+    per-model lists follow the order of its ``timings_s`` keys ("<model> seed <seed>")."""
+    seeds: dict[str, list[int]] = {}
+    for key in payload["timings_s"]:
+        name, seed = key.rsplit(" seed ", 1)
+        seeds.setdefault(name, []).append(int(seed))
+    found = {}
+    for name, per_seed in payload["results"].items():
+        signs = payload["sign_codes"].get(name, [None] * len(per_seed))
+        for seed, scored, signed in zip(seeds[name], per_seed, signs, strict=True):
+            found[name, seed] = (scored, signed)
+    return found
+
+
 def summarise(values: list[float]) -> str:
     return f"{mean(values):.3f} ± {stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
@@ -195,6 +210,12 @@ def main() -> None:
     parser.add_argument(
         "--report", action="store_true", help="train and evaluate nothing: report the runs already evaluated"
     )
+    parser.add_argument(
+        "--earlier",
+        type=Path,
+        help="an earlier result file (bench/results/flagship.json) whose per-seed scores stand in for runs "
+        "that are not under --runs (e.g. made on another machine); its command, commit and date are kept",
+    )
     args = parser.parse_args()
     runs = Path(args.runs + ("-smoke" if args.smoke else ""))
     runs.mkdir(parents=True, exist_ok=True)
@@ -211,11 +232,21 @@ def main() -> None:
     if args.models:
         models = {name: recipe for name, recipe in models.items() if name in args.models}
     timings, results, sign_results = {}, {}, {}
+    earlier_payload = json.loads(args.earlier.read_text()) if args.earlier else {}
+    earlier = earlier_scores(earlier_payload) if args.earlier else {}
     for name, recipe in models.items():
         # an ablation row that is the published recipe reuses its runs
         folder = "ours" if name in ABLATION and recipe == base else name
         for seed in args.seeds:
-            if args.report and not (runs / folder / f"seed{seed}" / "eval" / "grid-trained.json").is_file():
+            done = (runs / folder / f"seed{seed}" / "eval" / "grid-trained.json").is_file()
+            if not done and (name, seed) in earlier:
+                scored, signed = earlier[name, seed]
+                results.setdefault(name, []).append(scored)
+                if signed is not None:
+                    sign_results.setdefault(name, []).append(signed)
+                timings[f"{name} seed {seed}"] = None
+                continue
+            if args.report and not done:
                 continue
             start = time.perf_counter()
             model = train(folder, recipe, seed, runs, log, overrides)
@@ -269,6 +300,7 @@ def main() -> None:
         "commit": commit(),
         "date": time.strftime("%Y-%m-%d"),
         "seeds": args.seeds,
+        "earlier": {k: earlier_payload[k] for k in ("command", "commit", "date")} if args.earlier else None,
         "timings_s": timings,
         "untrained": untrained,
         "results": results,
