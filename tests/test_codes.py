@@ -37,6 +37,13 @@ def test_float_form_weights_plane_i_by_two_to_minus_i():
     assert codes.norms[0] == pytest.approx(np.linalg.norm(expected))
 
 
+@pytest.mark.parametrize("bits", [1, 2, 3, 8])
+def test_norms_from_popcounts_equal_norms_of_float_forms_exactly(bits):
+    codes = PackedCodes.from_planes(random_planes(300, bits, 384, seed=bits))
+    expected = np.linalg.norm(codes.to_float(), axis=1).astype(np.float32)
+    np.testing.assert_array_equal(codes.norms, expected)
+
+
 @pytest.mark.parametrize("bits", [1, 2, 4])
 def test_popcount_scores_equal_float_scores_exactly(bits):
     queries = PackedCodes.from_planes(random_planes(9, bits, 64, seed=1))

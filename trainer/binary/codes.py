@@ -42,6 +42,20 @@ def plane_weights(bits: int) -> np.ndarray:
     return 2.0 ** -np.arange(bits, dtype=np.float64)
 
 
+def float_form_norms(packed: np.ndarray, dim: int) -> np.ndarray:
+    """float32 ``|e|`` of the float forms ``e = sum_i 2^-i s_i`` of packed planes (N, bits, dim/8), exactly:
+    ``|e|^2 = sum_ij 2^-(i+j) <s_i, s_j>`` with ``<s_i, s_j> = dim - 2 popcount(p_i xor p_j)``, every term a
+    small dyadic number, so the float64 sum is exact (no unpacking)."""
+    weights = plane_weights(packed.shape[1])
+    squared = np.zeros(len(packed), dtype=np.float64)
+    for i in range(packed.shape[1]):
+        squared += weights[i] ** 2 * dim
+        for j in range(i + 1, packed.shape[1]):
+            hamming = np.bitwise_count(packed[:, i] ^ packed[:, j]).sum(axis=1, dtype=np.int64)
+            squared += 2 * weights[i] * weights[j] * (dim - 2 * hamming)
+    return np.sqrt(squared).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class PackedCodes:
     """``packed``: uint8 (N, bits, dim/8); ``norms``: float32 (N,) norm of each float form."""
@@ -68,9 +82,8 @@ class PackedCodes:
         if planes.ndim != 3:
             raise UserError(f"planes must have shape (N, bits, dim), got {planes.shape}")
         check_packable(planes.shape[2])
-        floats = np.einsum("nbm,b->nm", planes * 2.0 - 1.0, plane_weights(planes.shape[1]))
-        norms = np.linalg.norm(floats, axis=1).astype(np.float32)
-        return cls(np.packbits(planes, axis=2), planes.shape[2], norms)
+        packed = np.packbits(planes, axis=2)
+        return cls(packed, planes.shape[2], float_form_norms(packed, planes.shape[2]))
 
     def unpack(self) -> np.ndarray:
         """Bool planes (N, bits, dim)."""
