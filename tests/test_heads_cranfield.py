@@ -1,5 +1,6 @@
 """Binary codes of frozen all-MiniLM-L6-v2 on cranfield: untrained heads are the sign baseline (and 2 bits beat it),
-head-only learning improves on it in-domain."""
+head-only learning improves on it in-domain on average over 3 seeds (not at every seed, and its 2-bit codes stay
+below the untrained residual sign quantiser's: BENCHMARKS.md section 6)."""
 
 from __future__ import annotations
 
@@ -60,21 +61,26 @@ def test_learned_one_bit_codes_beat_sign_binarization(request, tmp_path_factory)
     pairs = torch.tensor(
         [(n_docs + i, row[d]) for i, q in enumerate(train_ids) for d, rel in train.qrels[q].items() if rel > 0]
     )
-    # the heads learn from the corpus and the TRAIN queries only (test queries are never seen)
-    config = BinaryConfig(bits=[1, 2], mode="head-only", steps=300, batch_size=256)
-    heads = fit_heads({6: layers[: n_docs + n_train]}, Grid((cell,), (1, 2)), config, pairs)
 
     def score(codes_of) -> float:
         return ndcg_at_10(code_scores(codes_of(queries), codes_of(docs)), test_ids, doc_ids, test.qrels)
 
     float_ndcg = ndcg_at_10((queries @ docs.T).numpy(), test_ids, doc_ids, test.qrels)
     sign = score(lambda x: sign_codes(x.numpy()))
-    learned = {bits: score(lambda x, b=bits: heads.encode(x, cell.with_bits(b))) for bits in (1, 2)}
     untrained_heads = BinaryHeads([384], [1, 2]).eval()
     untrained = {bits: score(lambda x, b=bits: untrained_heads.encode(x, cell.with_bits(b))) for bits in (1, 2)}
+    # the heads learn from the corpus and the TRAIN queries only (test queries are never seen); 113 test
+    # queries make one seed's difference noise (seeds 42/43/44 give learned 1-bit 0.360/0.324/0.296), so the
+    # learned claims are on the mean over 3 seeds
+    learned = {1: [], 2: []}
+    for seed in (42, 43, 44):
+        config = BinaryConfig(bits=[1, 2], mode="head-only", steps=300, batch_size=256, seed=seed)
+        heads = fit_heads({6: layers[: n_docs + n_train]}, Grid((cell,), (1, 2)), config, pairs)
+        for bits in (1, 2):
+            learned[bits].append(score(lambda x, b=bits, h=heads: h.encode(x, cell.with_bits(b))))
     print(f"nDCG@10 L6-D384: float {float_ndcg:.4f}  sign {sign:.4f}  untrained {untrained}  learned {learned}")
     assert float_ndcg == pytest.approx(0.372, abs=0.01)  # the data README's reference figure
     assert untrained[1] == sign  # untrained heads start exactly at the sign baseline ...
     assert untrained[2] > untrained[1] + 0.02  # ... and their second bit plane already helps
-    assert learned[1] > sign + 0.01  # in-domain, head-only learning improves on it
-    assert learned[2] > learned[1]
+    assert np.mean(learned[1]) > sign + 0.01  # in-domain, head-only learning improves on it (on average)
+    assert np.mean(learned[2]) > np.mean(learned[1])
