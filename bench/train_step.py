@@ -150,8 +150,9 @@ def scaling_point(batch_size: int, mini_batch_size: int | None, max_length: int,
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     row = {"batch": batch_size, "mini_batch_size": mini_batch_size or "-"}
-    if result.returncode != 0:
-        return {**row, "peak RSS MiB": None, "s/example": None, "error": result.stderr.strip()[-300:] or "killed"}
+    if result.returncode != 0:  # a negative code is the signal that ended it (9: e.g. the kernel's OOM killer)
+        ended = f"killed by signal {-result.returncode}" if result.returncode < 0 else result.stderr.strip()[-300:]
+        return {**row, "peak RSS MiB": None, "s/example": None, "error": ended}
     peak, seconds = json.loads(result.stdout.strip().splitlines()[-1])
     return {**row, "peak RSS MiB": peak, "s/example": seconds}
 
