@@ -232,8 +232,8 @@ def main() -> None:
     if args.models:
         models = {name: recipe for name, recipe in models.items() if name in args.models}
     timings, results, sign_results = {}, {}, {}
-    earlier_payload = json.loads(args.earlier.read_text()) if args.earlier else {}
-    earlier = earlier_scores(earlier_payload) if args.earlier else {}
+    earlier_payload = json.loads(args.earlier.read_text()) if args.earlier else None
+    earlier = earlier_scores(earlier_payload) if earlier_payload else {}
     for name, recipe in models.items():
         # an ablation row that is the published recipe reuses its runs
         folder = "ours" if name in ABLATION and recipe == base else name
@@ -300,7 +300,7 @@ def main() -> None:
         "commit": commit(),
         "date": time.strftime("%Y-%m-%d"),
         "seeds": args.seeds,
-        "earlier": {k: earlier_payload[k] for k in ("command", "commit", "date")} if args.earlier else None,
+        "earlier": {k: earlier_payload[k] for k in ("command", "commit", "date")} if earlier_payload else None,
         "timings_s": timings,
         "untrained": untrained,
         "results": results,

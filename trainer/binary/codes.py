@@ -42,6 +42,11 @@ def plane_weights(bits: int) -> np.ndarray:
     return 2.0 ** -np.arange(bits, dtype=np.float64)
 
 
+def sign_dot(a: np.ndarray, b: np.ndarray, dim: int) -> np.ndarray:
+    """``<s_a, s_b> = dim - 2 popcount(a xor b)`` of packed +-1 planes (..., dim/8), as int64 (broadcasting)."""
+    return dim - 2 * np.bitwise_count(np.bitwise_xor(a, b)).sum(axis=-1, dtype=np.int64)
+
+
 def float_form_norms(packed: np.ndarray, dim: int) -> np.ndarray:
     """float32 ``|e|`` of the float forms ``e = sum_i 2^-i s_i`` of packed planes (N, bits, dim/8), exactly:
     ``|e|^2 = sum_ij 2^-(i+j) <s_i, s_j>`` with ``<s_i, s_j> = dim - 2 popcount(p_i xor p_j)``, every term a
@@ -51,8 +56,7 @@ def float_form_norms(packed: np.ndarray, dim: int) -> np.ndarray:
     for i in range(packed.shape[1]):
         squared += weights[i] ** 2 * dim
         for j in range(i + 1, packed.shape[1]):
-            hamming = np.bitwise_count(packed[:, i] ^ packed[:, j]).sum(axis=1, dtype=np.int64)
-            squared += 2 * weights[i] * weights[j] * (dim - 2 * hamming)
+            squared += 2 * weights[i] * weights[j] * sign_dot(packed[:, i], packed[:, j], dim)
     return np.sqrt(squared).astype(np.float32)
 
 
@@ -120,9 +124,8 @@ def inner_products(queries: PackedCodes, docs: PackedCodes, chunk: int = 256) ->
         q = queries.packed[start : start + chunk]
         for i in range(queries.bits):
             for j in range(docs.bits):
-                xor = np.bitwise_xor(q[:, None, i, :], docs.packed[None, :, j, :])
-                hamming = np.bitwise_count(xor).sum(axis=-1, dtype=np.int64)
-                scores[start : start + chunk] += weights[i] * weights[j] * (queries.dim - 2 * hamming)
+                dots = sign_dot(q[:, None, i, :], docs.packed[None, :, j, :], queries.dim)
+                scores[start : start + chunk] += weights[i] * weights[j] * dots
     return scores
 
 
