@@ -152,3 +152,26 @@ def test_single_column_labels_may_be_two_dimensional() -> None:
         {k: v.item() for k, v in DistillationLoss(8, 8)(batch).items()}
     )
     assert not math.isnan(DistillationLoss(8, 8)(flat)["sim/L2-D8"].item())
+
+
+def test_blockwise_similarity_and_relative_losses_equal_the_dense_formulas_with_gradients():
+    generator = torch.Generator().manual_seed(3)
+    n = 300  # the similarity rows span two blocks; the 44,850 pairs are subsampled to 700, three blocks
+    student = F.normalize(torch.randn(n, 6, generator=generator, dtype=torch.float64), dim=-1).requires_grad_()
+    teacher = F.normalize(torch.randn(n, 10, generator=generator, dtype=torch.float64), dim=-1)
+    similarity = similarity_loss(student, teacher)
+    dense = ((student @ student.T - teacher @ teacher.T) ** 2).mean()
+    torch.testing.assert_close(similarity, dense, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(similarity, student)[0], torch.autograd.grad(dense, student)[0])
+
+    torch.manual_seed(5)
+    relative = relative_similarity_loss(student, teacher, margin=0.1, max_pairs=700)
+    torch.manual_seed(5)  # the same pairs, compared as one dense P x P matrix
+    first, second = torch.randint(n, (700,)), torch.randint(n - 1, (700,))
+    second = second + (second >= first)
+    rows, cols = torch.minimum(first, second), torch.maximum(first, second)
+    s, t = (student[rows] * student[cols]).sum(-1), (teacher[rows] * teacher[cols]).sum(-1)
+    ordered = t[:, None] > t[None, :]
+    dense = F.relu(s[None, :] - s[:, None] + 0.1)[ordered].mean()
+    torch.testing.assert_close(relative, dense, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(relative, student)[0], torch.autograd.grad(dense, student)[0])

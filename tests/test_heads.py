@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -237,7 +239,7 @@ def test_binary_code_loss_weights_match_a_direct_computation():
     components = BinaryCodeLoss(heads, [1], infonce, weight=0.5, kl_weight=2.0, kl_temperature=0.5)(batch)
     columns = batch.embeddings[Cell(6, 16)]
     codes = [F.normalize(heads.encode_float(c, Cell(6, 16))[0], dim=-1) for c in columns]
-    code_loss, code_scores = infonce(codes[0], codes[1:])
+    code_loss, code_scores = infonce(codes[0], codes[1:]), infonce.scores(codes[0], codes[1:])[0]
     float_scores, _ = infonce.scores(columns[0], columns[1:])
     kl = F.kl_div(F.log_softmax(code_scores / 0.5, -1), F.softmax(float_scores / 0.5, -1), reduction="batchmean")
     torch.testing.assert_close(components["bin/L6-D16-B1"], 0.5 * code_loss)
@@ -364,3 +366,28 @@ def test_head_only_training_writes_checkpoints_and_resumes_to_the_same_heads(tin
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
     started = BinaryHeads.load(reference / "checkpoint-20").state_dict()
     assert any(not torch.equal(started[name], tensor) for name, tensor in expected.items())
+
+
+def test_checkpointed_code_forms_equal_the_direct_forms_and_update_batch_norm_once():
+    torch.manual_seed(0)
+    heads = BinaryHeads([16], [1, 2, 4], hidden=24).double()
+    for block in heads.modules():  # non-zero last layers, so that the blocks change the codes
+        if isinstance(block, torch.nn.Sequential):
+            torch.nn.init.normal_(block[-1].weight, std=0.3)
+    reference = copy.deepcopy(heads)
+    x = unit(40, 16, seed=1).double().requires_grad_()
+    y = x.detach().clone().requires_grad_()
+    codes = heads.code_forms({Cell(6, 16): [x]}, [1, 2, 4])
+    direct = [F.normalize(f, dim=-1) for f in reference.encode_float(y, Cell(6, 16))]
+    weights = [torch.randn(40, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    total = sum((codes[Cell(6, 16, bits)][0] * w).sum() for bits, w in zip([1, 2, 4], weights, strict=True))
+    expected = sum((direct[bits - 1] * w).sum() for bits, w in zip([1, 2, 4], weights, strict=True))
+    total.backward()
+    expected.backward()
+    torch.testing.assert_close(total, expected)
+    torch.testing.assert_close(x.grad, y.grad)
+    for (name, got), (_, want) in zip(heads.named_parameters(), reference.named_parameters(), strict=True):
+        torch.testing.assert_close(got.grad, want.grad, msg=name)
+    for (name, got), (_, want) in zip(heads.named_buffers(), reference.named_buffers(), strict=True):
+        torch.testing.assert_close(got, want, msg=name)  # the recomputation did not update them again
+

@@ -27,16 +27,16 @@ def test_infonce_matches_hand_computation_with_hard_negatives():
     anchors = unit([[1.0, 0.0, 0.2], [0.3, 1.0, 0.0]])
     positives = unit([[0.9, 0.1, 0.0], [0.0, 1.0, 0.5]])
     negatives = unit([[1.0, 0.2, 0.1], [0.2, 0.8, 0.0]])
-    loss, scores = InfoNCELoss(scale=5.0)(anchors, [positives, negatives])
+    loss = InfoNCELoss(scale=5.0)(anchors, [positives, negatives])
     expected = hand_infonce(anchors, torch.cat([positives, negatives]), 5.0)
     assert loss.item() == pytest.approx(expected, rel=1e-9)
-    assert scores.shape == (2, 4)
+    assert InfoNCELoss(scale=5.0).scores(anchors, [positives, negatives])[0].shape == (2, 4)
 
 
 def test_symmetric_infonce_averages_both_directions():
     anchors = unit([[1.0, 0.0], [0.6, 0.8]])
     positives = unit([[0.8, 0.6], [0.0, 1.0]])
-    loss, _ = InfoNCELoss(scale=3.0, symmetric=True)(anchors, [positives])
+    loss = InfoNCELoss(scale=3.0, symmetric=True)(anchors, [positives])
     expected = (hand_infonce(anchors, positives, 3.0) + hand_infonce(positives, anchors, 3.0)) / 2
     assert loss.item() == pytest.approx(expected, rel=1e-9)
 
@@ -158,3 +158,55 @@ def test_elastic_loss_runs_the_model_once_per_input_column(tiny_model):
     torch.stack(list(out.values())).sum().backward()
     first_layer = transformer.auto_model.encoder.layer[0].attention.self.query.weight
     assert first_layer.grad is not None and first_layer.grad.abs().sum() > 0
+
+
+def largest_saved_tensor(compute) -> tuple[torch.Tensor, int]:
+    """``compute()`` and the element count of the largest tensor its autograd graph keeps for backward."""
+    sizes = [0]
+
+    def pack(tensor):
+        sizes.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        value = compute()
+    return value, max(sizes)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_blockwise_infonce_and_kl_equal_the_score_matrix_formulas_and_keep_no_score_matrix(symmetric):
+    from trainer.train.losses.infonce import score_kl
+
+    generator = torch.Generator().manual_seed(0)
+    n, dim = 600, 8  # 600 rows = two full blocks of 256 and a ragged one
+
+    def rows():
+        return F.normalize(torch.randn(n, dim, generator=generator, dtype=torch.float64), dim=-1).requires_grad_()
+
+    anchors, positives, negatives = rows(), rows(), rows()
+    target_anchors, target_positives = rows(), rows()
+    infonce = InfoNCELoss(scale=7.0, symmetric=symmetric)
+
+    def blockwise():
+        loss = infonce(anchors, [positives, negatives])
+        return loss + infonce.kl(target_anchors, [target_positives], anchors, [positives], temperature=0.5)
+
+    def dense():
+        scores, labels = infonce.scores(anchors, [positives, negatives])
+        loss = F.cross_entropy(scores, labels)
+        if symmetric:
+            reverse, reverse_labels = infonce.scores(positives, [anchors, negatives][:1])
+            loss = (loss + F.cross_entropy(reverse, reverse_labels)) / 2
+        target = infonce.scores(target_anchors, [target_positives])[0]
+        return loss + score_kl(target, infonce.scores(anchors, [positives])[0], temperature=0.5)
+
+    value, largest = largest_saved_tensor(blockwise)
+    assert largest < n * n  # no anchors x candidates matrix is kept for the backward pass
+    inputs = [anchors, positives, negatives, target_anchors, target_positives]
+    got = torch.autograd.grad(value, inputs, allow_unused=True, materialize_grads=True)
+    reference = dense()
+    expected = torch.autograd.grad(reference, inputs, allow_unused=True, materialize_grads=True)
+    torch.testing.assert_close(value, reference, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert got[3].abs().sum() == 0 and got[4].abs().sum() == 0  # the KL target is detached

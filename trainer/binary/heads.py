@@ -38,7 +38,8 @@ import contextlib
 import io
 import itertools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -48,6 +49,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from safetensors import SafetensorError
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from trainer.binary.codes import PackedCodes, check_packable
 from trainer.errors import UserError
@@ -133,6 +135,25 @@ class RecurrentBinarizer(nn.Module):
             x_hat = self.step_size * floats[-1] + (decoder(floats[-1]) if decoder is not None else 0.0)
             floats.append(floats[-1] + 2.0**-k * sign_ste(corrected(x - x_hat, residual)))
         return floats
+
+
+def unit_forms(head: RecurrentBinarizer, x: Tensor, depths: Sequence[int]) -> tuple[Tensor, ...]:
+    """The unit-normalised float forms of ``x``'s codes at each of ``depths``."""
+    floats = head(x)
+    return tuple(F.normalize(floats[depth - 1], dim=-1) for depth in depths)
+
+
+@contextlib.contextmanager
+def buffers_kept(module: nn.Module) -> Iterator[None]:
+    """Restores ``module``'s buffers (BatchNorm running statistics) on exit: a recomputed forward pass
+    must not update them a second time."""
+    saved = [buffer.clone() for buffer in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(module.buffers(), saved, strict=True):
+                buffer.copy_(value)
 
 
 def planes_from_floats(floats: Sequence[Tensor]) -> Tensor:
@@ -226,12 +247,25 @@ class BinaryHeads(
     def code_forms(self, embeddings: dict[Cell, list[Tensor]], bits: Sequence[int]) -> dict[Cell, list[Tensor]]:
         """Unit float forms of every float cell's codes at each depth in ``bits``, per input column:
         ``{cell.with_bits(k): [normalize(e_{k-1}(column)) ...]}``; differentiable, for the training losses.
-        Their dot products are the code scores (``trainer.binary.codes.code_scores``)."""
+        Their dot products are the code scores (``trainer.binary.codes.code_scores``).
+
+        Each head runs as an activation checkpoint (``torch.utils.checkpoint``): the backward pass recomputes
+        its blocks instead of keeping their activations (with its BatchNorm statistics kept), so that the
+        memory of a large batch under gradient caching does not grow with the heads' width.
+        """
         codes: dict[Cell, list[Tensor]] = {}
         for cell, columns in embeddings.items():
-            forms = [self.encode_float(column, cell) for column in columns]
-            for depth in bits:
-                codes[cell.with_bits(depth)] = [F.normalize(f[depth - 1], dim=-1) for f in forms]
+            head = self.head_for(cell)
+            forms_of = partial(unit_forms, head, depths=tuple(bits))
+            contexts = partial(lambda module: (contextlib.nullcontext(), buffers_kept(module)), head)
+            forms = [
+                checkpoint(forms_of, column, use_reentrant=False, context_fn=contexts)
+                if torch.is_grad_enabled()
+                else forms_of(column)
+                for column in columns
+            ]
+            for i, depth in enumerate(bits):
+                codes[cell.with_bits(depth)] = [f[i] for f in forms]
         return codes
 
     def check_serves(self, cell: Cell) -> None:

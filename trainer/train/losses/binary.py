@@ -80,14 +80,14 @@ class BinaryCodeLoss(nn.Module):
             return {}
         contrastive, kl = {}, {}
         for cell, columns in batch.embeddings.items():
-            float_scores = self.contrastive.scores(columns[0], columns[1:])[0] if self.kl_weight else None
             for depth in self.bits:
                 codes = batch.codes[cell.with_bits(depth)]
-                loss, scores = self.contrastive(codes[0], codes[1:])
                 name = str(cell.with_bits(depth))
-                contrastive[f"bin/{name}"] = loss
-                if float_scores is not None:
-                    kl[f"binkl/{name}"] = score_kl(float_scores, scores, self.kl_temperature)
+                contrastive[f"bin/{name}"] = self.contrastive(codes[0], codes[1:])
+                if self.kl_weight:
+                    kl[f"binkl/{name}"] = self.contrastive.kl(
+                        columns[0], columns[1:], codes[0], codes[1:], self.kl_temperature
+                    )
         return {**group_mean(contrastive, self.weight), **group_mean(kl, self.kl_weight)}
 
     def get_config_dict(self) -> dict[str, Any]:

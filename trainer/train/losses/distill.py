@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 
 from trainer.errors import UserError
 from trainer.train.losses.elastic import CellBatch, group_mean
-from trainer.train.losses.infonce import gather_rows
+from trainer.train.losses.infonce import blockwise_sum, gather_rows
 
 PROJECTION_FOLDER = "distill_projection"
 
@@ -58,11 +59,22 @@ def similarity_loss(
 
     With ``all_student`` and ``all_teacher`` (the rows of every process, these included) it compares this
     process's rows with all rows, ``MSE(S A^T, T B^T)``; with equal row counts, the mean over processes is
-    the loss of the concatenated batch.
+    the loss of the concatenated batch. Computed over blocks of rows (``blockwise_sum``): no N x N
+    similarity matrix is kept for the backward pass.
     """
     all_student = student if all_student is None else all_student
     all_teacher = teacher if all_teacher is None else all_teacher
-    return F.mse_loss(student @ all_student.T, teacher @ all_teacher.T)
+    total = blockwise_sum(_squared_error_sum, [student, teacher], [all_student, all_teacher])
+    return total / (len(student) * len(all_student))
+
+
+def _squared_error_sum(student: Tensor, teacher: Tensor, all_student: Tensor, all_teacher: Tensor) -> Tensor:
+    return (student @ all_student.T - teacher @ all_teacher.T).pow(2).sum()
+
+
+def _hinge_sum(student_sims: Tensor, teacher_sims: Tensor, all_student: Tensor, all_teacher: Tensor, margin: float):
+    ordered = teacher_sims[:, None] > all_teacher[None, :]  # [p, q]: the teacher ranks pair p above pair q
+    return (F.relu(all_student[None, :] - student_sims[:, None] + margin) * ordered).sum()
 
 
 def relative_similarity_loss(student: Tensor, teacher: Tensor, margin: float, max_pairs: int | None = None) -> Tensor:
@@ -71,8 +83,8 @@ def relative_similarity_loss(student: Tensor, teacher: Tensor, margin: float, ma
     The P = N(N-1)/2 text pairs i < j of the batch are listed once; all P x P comparisons are then one
     broadcast (P = 496, P^2 ~ 246k for N = 32). When P exceeds ``max_pairs``, ``max_pairs`` pairs drawn
     uniformly at random are compared instead (an estimate of the same mean); they are drawn without listing
-    all P pairs, so memory is O(max_pairs^2) whatever the batch size. Returns 0 when no pair is strictly
-    ordered by the teacher.
+    all P pairs. The comparisons run over blocks of pairs (``blockwise_sum``), so no P x P matrix is kept
+    for the backward pass. Returns 0 when no pair is strictly ordered by the teacher.
     """
     n = len(student)
     if max_pairs is not None and n * (n - 1) // 2 > max_pairs:
@@ -84,11 +96,12 @@ def relative_similarity_loss(student: Tensor, teacher: Tensor, margin: float, ma
         rows, cols = torch.triu_indices(n, n, offset=1, device=student.device)
     student_sims = (student[rows] * student[cols]).sum(dim=-1)
     teacher_sims = (teacher[rows] * teacher[cols]).sum(dim=-1)
-    ordered = teacher_sims[:, None] > teacher_sims[None, :]  # [p, q]: the teacher ranks pair p above pair q
-    if not ordered.any():
+    # the number of ordered (p, q): for each pair p, the pairs q the teacher scores strictly lower
+    ordered = torch.searchsorted(teacher_sims.sort().values, teacher_sims, side="left").sum()
+    if ordered == 0:
         return student_sims.sum() * 0.0
-    hinge = F.relu(student_sims[None, :] - student_sims[:, None] + margin)
-    return hinge[ordered].mean()
+    block = partial(_hinge_sum, margin=margin)
+    return blockwise_sum(block, [student_sims, teacher_sims], [student_sims, teacher_sims]) / ordered
 
 
 class DistillationLoss(nn.Module):

@@ -99,7 +99,10 @@ class ElasticLoss(nn.Module):
     ``mini_batch_size`` is (1) embedded mini-batch by mini-batch without gradients, every layer the step needs
     in the same pass, keeping each mini-batch's random state; (2) every term runs on the whole batch's cells
     (float cells, KL, codes at every depth, distillation), whose gradients w.r.t. the layer embeddings and the
-    loss's own parameters (heads, projection) are cached; (3) in the backward pass each mini-batch is
+    loss's own parameters (heads, projection) are cached; the terms score over blocks of rows and the heads
+    are recomputed in the backward pass (``trainer.train.losses.infonce.blockwise_sum``,
+    ``BinaryHeads.code_forms``), so this step keeps no batch x batch matrix and no head activations;
+    (3) in the backward pass each mini-batch is
     embedded again with gradients under its saved random state (same dropout masks) and the cached
     gradients are back-propagated through it (sentence-transformers' GradCache hook, as in
     ``CachedMultipleNegativesRankingLoss``: DDP synchronises once, after the last mini-batch). The cell

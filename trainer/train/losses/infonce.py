@@ -2,10 +2,48 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from sentence_transformers.util import all_gather, all_gather_with_grad, get_rank, get_world_size
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+BLOCK_ROWS = 256
+
+
+def blockwise_sum(
+    block_loss: Callable[..., Tensor], rows: Sequence[Tensor], shared: Sequence[Tensor], block_rows: int = BLOCK_ROWS
+) -> Tensor:
+    """``sum_b block_loss(*(r[b] for r in rows), *shared)`` over blocks ``b`` of ``block_rows`` rows: a loss that
+    is a sum over the rows of a score matrix (anchors x candidates), computed block by block.
+
+    Each block is an activation checkpoint (``torch.utils.checkpoint``): the backward pass recomputes the
+    block's scores instead of keeping them, so a term's autograd graph holds only its inputs and the largest
+    transient is ``block_rows x M`` scores, not ``N x M`` for every term and cell of the step. This is what
+    lets gradient caching (``ElasticLoss.mini_batch_size``) run the whole grid's terms on a large batch in
+    bounded memory. Values and gradients are those of the unblocked sum, up to float summation order; the
+    price is one more matrix product per block in the backward pass.
+    """
+    total = None
+    for start in range(0, rows[0].shape[0], block_rows):
+        inputs = [r[start : start + block_rows] for r in rows] + list(shared)
+        part = checkpoint(block_loss, *inputs, use_reentrant=False) if torch.is_grad_enabled() else block_loss(*inputs)
+        total = part if total is None else total + part
+    return total
+
+
+def _cross_entropy_sum(anchors: Tensor, labels: Tensor, pool: Tensor, scale: float) -> Tensor:
+    return F.cross_entropy(scale * anchors @ pool.T, labels, reduction="sum")
+
+
+def _kl_sum(
+    target_anchors: Tensor, anchors: Tensor, target_pool: Tensor, pool: Tensor, scale: float, temperature: float
+) -> Tensor:
+    target = F.softmax(scale * target_anchors @ target_pool.T / temperature, dim=-1)
+    return F.kl_div(F.log_softmax(scale * anchors @ pool.T / temperature, dim=-1), target, reduction="sum")
 
 
 def gather_rows(tensor: Tensor) -> tuple[Tensor, int]:
@@ -43,7 +81,9 @@ class InfoNCELoss(nn.Module):
 
     With ``symmetric``, the loss is the mean of that and the same term from positives to anchors
     (``-log exp(s_ii) / sum_j exp(p_i . a_j * scale)``), as in CLIP. Duplicate-free batches come from the
-    ``batch_sampler: no_duplicates`` training argument, as in sentence-transformers.
+    ``batch_sampler: no_duplicates`` training argument, as in sentence-transformers. Both this loss and
+    ``kl`` are computed over blocks of anchors (``blockwise_sum``), so no N x M score matrix is kept for the
+    backward pass.
     """
 
     def __init__(self, scale: float = 20.0, symmetric: bool = False, gather_across_devices: bool = False) -> None:
@@ -57,17 +97,41 @@ class InfoNCELoss(nn.Module):
 
     def scores(self, anchors: Tensor, candidates: list[Tensor]) -> tuple[Tensor, Tensor]:
         """Scaled scores (N, M) of anchors against every candidate, and the column of each positive."""
-        gathered = [self._gather(c) for c in candidates]
-        offset = gathered[0][1]
-        pool = torch.cat([g for g, _ in gathered], dim=0)
+        pool, offset = self.pool(candidates)
         labels = torch.arange(anchors.shape[0], device=anchors.device) + offset
         return self.scale * anchors @ pool.T, labels
 
-    def forward(self, anchors: Tensor, candidates: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """Return ``(loss, scores)``; ``candidates[0]`` are the positives, the rest hard negatives."""
-        scores, labels = self.scores(anchors, candidates)
-        loss = F.cross_entropy(scores, labels)
+    def pool(self, candidates: list[Tensor]) -> tuple[Tensor, int]:
+        """Every candidate (M, dim) in one matrix, from every process when gathering, and the column of the
+        first anchor's positive."""
+        gathered = [self._gather(c) for c in candidates]
+        return torch.cat([g for g, _ in gathered], dim=0), gathered[0][1]
+
+    def cross_entropy(self, anchors: Tensor, candidates: list[Tensor]) -> Tensor:
+        """``-1/N sum_i log softmax(s_i)[pos(i)]``, one direction of the loss."""
+        pool, offset = self.pool(candidates)
+        labels = torch.arange(anchors.shape[0], device=anchors.device) + offset
+        return blockwise_sum(partial(_cross_entropy_sum, scale=self.scale), [anchors, labels], [pool]) / len(anchors)
+
+    def forward(self, anchors: Tensor, candidates: list[Tensor]) -> Tensor:
+        """The loss; ``candidates[0]`` are the positives, the rest hard negatives."""
+        loss = self.cross_entropy(anchors, candidates)
         if self.symmetric:
-            reverse, reverse_labels = self.scores(candidates[0], [anchors])
-            loss = (loss + F.cross_entropy(reverse, reverse_labels)) / 2
-        return loss, scores
+            loss = (loss + self.cross_entropy(candidates[0], [anchors])) / 2
+        return loss
+
+    def kl(
+        self,
+        target_anchors: Tensor,
+        target_candidates: list[Tensor],
+        anchors: Tensor,
+        candidates: list[Tensor],
+        temperature: float = 1.0,
+    ) -> Tensor:
+        """``score_kl`` of the scores of ``anchors`` against ``candidates`` to those of the (detached) target
+        vectors, ``1/N sum_i KL(softmax(S_target,i / T) || softmax(S_i / T))``, without materialising either
+        N x M matrix for the backward pass."""
+        target_pool, _ = self.pool([c.detach() for c in target_candidates])
+        pool, _ = self.pool(candidates)
+        block = partial(_kl_sum, scale=self.scale, temperature=temperature)
+        return blockwise_sum(block, [target_anchors.detach(), anchors], [target_pool, pool]) / len(anchors)

@@ -7,7 +7,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from trainer.train.losses.elastic import CellBatch, group_mean
-from trainer.train.losses.infonce import InfoNCELoss, score_kl
+from trainer.train.losses.infonce import InfoNCELoss
 
 
 class Matryoshka2dLoss(nn.Module):
@@ -66,9 +66,8 @@ class Matryoshka2dLoss(nn.Module):
     def forward(self, batch: CellBatch) -> dict[str, Tensor]:
         if len(batch.layer_embeddings) < 2:  # a label-free batch of one text column: nothing to contrast
             return {}
-        full, losses, scores = batch.full, {}, {}
-        for cell, columns in batch.embeddings.items():
-            losses[cell], scores[cell] = self.contrastive(columns[0], columns[1:])
+        full = batch.full
+        losses = {cell: self.contrastive(columns[0], columns[1:]) for cell, columns in batch.embeddings.items()}
         dims = {f"loss/{c.name2d}": v for c, v in losses.items() if c.layers == full.layers and c != full}
         layers = {f"loss/{c.name2d}": v for c, v in losses.items() if c.layers < full.layers}
         components = {
@@ -77,9 +76,12 @@ class Matryoshka2dLoss(nn.Module):
             **group_mean(layers, self.layers_weight),
         }
         if self.kl_weight:
+            target = batch.embeddings[full]
             kl = {
-                f"kl/{cell.name2d}": score_kl(scores[full], scores[cell], self.kl_temperature)
-                for cell in batch.embeddings
+                f"kl/{cell.name2d}": self.contrastive.kl(
+                    target[0], target[1:], columns[0], columns[1:], self.kl_temperature
+                )
+                for cell, columns in batch.embeddings.items()
                 if cell != full
             }
             components.update(group_mean(kl, self.kl_weight))
