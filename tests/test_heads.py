@@ -391,3 +391,81 @@ def test_checkpointed_code_forms_equal_the_direct_forms_and_update_batch_norm_on
     for (name, got), (_, want) in zip(heads.named_buffers(), reference.named_buffers(), strict=True):
         torch.testing.assert_close(got, want, msg=name)  # the recomputation did not update them again
 
+
+def scrambled_heads(dims=(16,), bits=(1, 2)) -> BinaryHeads:
+    """Heads whose blocks' last layers are large and random: codes that no longer follow the float signs."""
+    torch.manual_seed(0)
+    heads = BinaryHeads(list(dims), list(bits), hidden=8)
+    for block in heads.modules():
+        if isinstance(block, torch.nn.Sequential):
+            torch.nn.init.normal_(block[-1].weight, std=3.0)
+    return heads.eval()
+
+
+def noisy_pairs(n: int = 120, dim: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """2n items, item n + i a noisy copy of item i; the pairs (i, n + i)."""
+    x = unit(n, dim, seed=4)
+    copies = F.normalize(x + 0.3 * unit(n, dim, seed=5), dim=-1)
+    return torch.cat([x, copies]), torch.tensor([(i, n + i) for i in range(n)])
+
+
+def test_holdout_guard_resets_a_head_that_ranks_worse_than_the_parameter_free_codes_and_keeps_others():
+    from trainer.train.holdout import guard_heads
+
+    items, pairs = noisy_pairs()
+    cell, grid = Cell(6, 16), Grid((Cell(6, 16),), (1, 2))
+    heads, free = scrambled_heads(), BinaryHeads.parameter_free([16], [1, 2])
+    before = heads.encode(items, cell.with_bits(2)).packed
+    assert not np.array_equal(before, free.encode(items, cell.with_bits(2)).packed)
+    report = guard_heads(heads, {6: items}, grid, held_pairs=pairs[:60])["D16"]
+    assert not report[1]["kept"] and report[1]["learned"] < report[1]["parameter-free"]
+    assert not report[2]["kept"]
+    for bits in (1, 2):  # reset: exactly the parameter-free quantiser, whose 1 bit is the sign bits
+        codes = heads.encode(items, cell.with_bits(bits)).packed
+        np.testing.assert_array_equal(codes, free.encode(items, cell.with_bits(bits)).packed)
+    np.testing.assert_array_equal(heads.encode(items, cell.with_bits(1)).packed, sign_codes(items.numpy()).packed)
+
+    untrained = BinaryHeads([16], [1, 2], hidden=8).eval()  # equal to the parameter-free codes: kept
+    report = guard_heads(untrained, {6: items}, grid, held_items=torch.arange(100))["D16"]
+    assert report[1]["kept"] and report[2]["kept"]
+    assert report[2]["learned"] == report[2]["parameter-free"]
+
+
+def test_holdout_guard_keeps_good_lower_planes_when_it_resets_a_deeper_one():
+    from trainer.train.holdout import guard_heads
+
+    items, pairs = noisy_pairs()
+    cell, grid = Cell(6, 16), Grid((Cell(6, 16),), (1, 2, 4))
+    heads = scrambled_heads(bits=(1, 2, 4))
+    heads.reset_depth("D16", 1)  # a 1-bit code equal to the sign bits, scrambled planes 2..4 on top
+    report = guard_heads(heads, {6: items}, grid, held_pairs=pairs[:60])["D16"]
+    assert report[1]["kept"] and not report[2]["kept"] and not report[4]["kept"]
+    free = BinaryHeads.parameter_free([16], [1, 2, 4])
+    np.testing.assert_array_equal(
+        heads.encode(items, cell.with_bits(4)).packed, free.encode(items, cell.with_bits(4)).packed
+    )
+
+
+def test_fit_heads_trains_without_the_held_out_anchors_and_checks_the_heads_on_them(monkeypatch):
+    import trainer.train.head_only as head_only
+
+    items, pairs = noisy_pairs()
+    seen, checked = [], {}
+
+    def pair_cells(layers, pair_index, batch_size, grid):
+        seen.append(pair_index)
+        return None
+
+    monkeypatch.setattr(head_only, "_pair_cells", pair_cells)
+    monkeypatch.setattr(head_only, "guard_heads", lambda heads, *args: checked.update(held=args[2]))
+    config = BinaryConfig(bits=[1], hidden=8, mode="head-only", steps=2, batch_size=16, holdout=0.25)
+    fit_heads({6: items}, Grid((Cell(6, 16),), (1,)), config, pairs)
+    held = checked["held"]
+    assert len(held) == 30 and len(seen[0]) == 90
+    assert not set(held[:, 0].tolist()) & set(seen[0][:, 0].tolist())  # no held-out anchor is trained on
+
+
+@pytest.mark.parametrize("value", [-0.1, 0.5, 1, True, "0.1"])
+def test_binary_holdout_must_be_a_share_below_one_half(value):
+    with pytest.raises(UserError, match="binary.holdout"):
+        BinaryConfig(mode="head-only", holdout=value)

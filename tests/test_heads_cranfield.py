@@ -1,6 +1,7 @@
-"""Binary codes of frozen all-MiniLM-L6-v2 on cranfield: untrained heads are the sign baseline (and 2 bits beat it),
-head-only learning improves on it in-domain on average over 3 seeds (not at every seed, and its 2-bit codes stay
-below the untrained residual sign quantiser's: BENCHMARKS.md section 6)."""
+"""Binary codes of frozen all-MiniLM-L6-v2 on cranfield: untrained heads are the sign baseline (and 2 bits beat it);
+head-only learning, checked on held-out train queries (``trainer.train.holdout``), never ends below the sign bits
+at any seed and improves on them on average over 3 seeds; its 2-bit codes beat its 1-bit ones at every seed but
+stay below the untrained residual sign quantiser's on average (BENCHMARKS.md section 6)."""
 
 from __future__ import annotations
 
@@ -70,8 +71,8 @@ def test_learned_one_bit_codes_beat_sign_binarization(request, tmp_path_factory)
     untrained_heads = BinaryHeads([384], [1, 2]).eval()
     untrained = {bits: score(lambda x, b=bits: untrained_heads.encode(x, cell.with_bits(b))) for bits in (1, 2)}
     # the heads learn from the corpus and the TRAIN queries only (test queries are never seen); 113 test
-    # queries make one seed's difference noise (seeds 42/43/44 give learned 1-bit 0.360/0.324/0.296), so the
-    # learned claims are on the mean over 3 seeds
+    # queries make one seed's difference noise (seeds 42/43/44 give learned 1-bit 0.336/0.319/0.316), so the
+    # claim of improvement is on the mean over 3 seeds
     learned = {1: [], 2: []}
     for seed in (42, 43, 44):
         config = BinaryConfig(bits=[1, 2], mode="head-only", steps=300, batch_size=256, seed=seed)
@@ -82,5 +83,6 @@ def test_learned_one_bit_codes_beat_sign_binarization(request, tmp_path_factory)
     assert float_ndcg == pytest.approx(0.372, abs=0.01)  # the data README's reference figure
     assert untrained[1] == sign  # untrained heads start exactly at the sign baseline ...
     assert untrained[2] > untrained[1] + 0.02  # ... and their second bit plane already helps
+    assert min(learned[1]) >= sign  # the held-out check keeps the learned 1 bit only where it beats sign bits
     assert np.mean(learned[1]) > sign + 0.01  # in-domain, head-only learning improves on it (on average)
-    assert np.mean(learned[2]) > np.mean(learned[1])
+    assert all(two > one for one, two in zip(learned[1], learned[2], strict=True))

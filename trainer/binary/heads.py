@@ -228,9 +228,28 @@ class BinaryHeads(
             return {f"D{dim}": dim for dim in self.dims}
         return {f"L{layer}-D{dim}": dim for layer in self.layers for dim in self.dims}
 
+    def key_for(self, cell: Cell) -> str:
+        """The name of the head serving ``cell``: ``D<dim>`` (``sharing="dim"``) or ``L<layer>-D<dim>``."""
+        return f"D{cell.dim}" if self.sharing == "dim" else cell.name2d
+
+    def reset_depth(self, key: str, depth: int) -> None:
+        """Make the bit planes that head ``key`` adds for trained depth ``depth`` (those beyond the previous
+        trained depth; at the first depth, from the encoder block on) parameter-free again: the last layer of
+        each block that makes them is zeroed, as in an untrained head. Resetting every depth gives the residual
+        sign quantiser exactly."""
+        head = self.heads[key]
+        previous = max((bits for bits in self._bits if bits < depth), default=0)
+        blocks = [head.encoder] if previous == 0 else []
+        for step in range(max(previous, 1), depth):
+            blocks += [head.decoders[step - 1], head.residuals[step - 1]]
+        for block in blocks:
+            if block is not None:
+                nn.init.zeros_(block[-1].weight)
+                nn.init.zeros_(block[-1].bias)
+
     def head_for(self, cell: Cell) -> RecurrentBinarizer:
         """The head serving ``cell``; UserError when the cell was not trained."""
-        key = f"D{cell.dim}" if self.sharing == "dim" else cell.name2d
+        key = self.key_for(cell)
         if key not in self.heads:
             trained = [f"D{d}" for d in self.dims] if self.sharing == "dim" else list(self.heads)
             raise UserError(f"cell {cell.name2d} has no binary head; heads were trained for {trained}")

@@ -25,6 +25,7 @@ from trainer.cell_vectors import LayerEncoder, cell_vector, embedding_dim, layer
 from trainer.errors import UserError
 from trainer.grid import Cell, Grid
 from trainer.store import build_store, text_key
+from trainer.train.holdout import TOP_K, guard_heads, split_items, split_pairs
 from trainer.train.losses.binary import EmbeddingToEmbeddingLoss
 from trainer.train.recipe import BinaryConfig
 
@@ -122,20 +123,30 @@ def fit_heads(
     With ``output_dir`` and ``save_steps``, every ``save_steps`` steps write ``<output_dir>/checkpoint-<step>``
     (the heads, and the optimizer, schedule, random state and step, as HF Trainer checkpoints hold);
     ``resume_from`` such a checkpoint ends with the heads an uninterrupted run ends with.
+
+    ``config.holdout``: the share of the pairs' anchors (or, without pairs, of the items) kept out of training;
+    after training, each head that ranks them worse than the parameter-free quantiser is reset to it
+    (``trainer.train.holdout``).
     """
     count = len(next(iter(layer_embeddings.values())))
     pairs = pairs if pairs is not None else torch.empty(0, 2, dtype=torch.long)
+    split = torch.Generator().manual_seed(config.seed)
+    items, held_pairs, held_items = torch.arange(count), None, None
+    if config.holdout and len(pairs) >= 2:
+        pairs, held_pairs = split_pairs(pairs, config.holdout, split)
+    elif config.holdout:
+        items, held_items = split_items(count, config.holdout, split)
     torch.manual_seed(config.seed)
     heads = BinaryHeads(grid.dims, config.bits, config.hidden, config.sharing, grid.layers)
     loss_fn = EmbeddingToEmbeddingLoss(heads, config.bits, config.scale, config.kl_weight, config.kl_temperature)
     optimizer = torch.optim.AdamW(heads.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps)
     start = load_checkpoint(resume_from, heads, optimizer, schedule) if resume_from is not None else 0
-    batch_size = min(config.batch_size, count)
+    batch_size = min(config.batch_size, len(items))
     heads.train()
     for step in range(start, config.steps):
-        items = torch.randperm(count)[:batch_size]
-        losses = loss_fn(_cells(layer_embeddings, items, grid), _pair_cells(layer_embeddings, pairs, batch_size, grid))
+        batch = items[torch.randperm(len(items))[:batch_size]]
+        losses = loss_fn(_cells(layer_embeddings, batch, grid), _pair_cells(layer_embeddings, pairs, batch_size, grid))
         total = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -145,7 +156,12 @@ def fit_heads(
             logger.info("binary heads step %d/%d: loss %.4f", step + 1, config.steps, total.item())
         if output_dir is not None and save_steps and (step + 1) % save_steps == 0:
             save_checkpoint(Path(output_dir) / f"checkpoint-{step + 1}", heads, optimizer, schedule, step + 1)
-    return heads.eval()
+    heads.eval()
+    if (held_pairs is not None and len(held_pairs)) or (held_items is not None and len(held_items) > 2 * TOP_K):
+        guard_heads(heads, layer_embeddings, grid, held_pairs, held_items, config.seed)
+    elif config.holdout:
+        logger.warning("binary heads: too little data to hold out %s of it; the heads are not checked", config.holdout)
+    return heads
 
 
 def save_atomically(state: object, path: Path) -> None:

@@ -227,7 +227,10 @@ class BinaryConfig:
     (not the encoder's fine-tuning rate); in joint mode ``0`` keeps the heads at their start, the parameter-free
     residual sign quantiser, so that only the encoder learns from the code terms. Head-only settings:
     ``steps``, ``batch_size``, ``weight_decay``, ``max_texts`` (cap on the number of raw texts encoded, None =
-    all), ``seed``, ``cache_dir`` (where float embeddings are cached, None = ``<output_dir>/binary_heads_cache``).
+    all), ``seed``, ``cache_dir`` (where float embeddings are cached, None = ``<output_dir>/binary_heads_cache``),
+    ``holdout`` (the share of the data kept out of training to check the heads against the parameter-free
+    quantiser afterwards; a head that ranks it worse is reset to that quantiser, ``trainer.train.holdout``;
+    0 trains on everything and checks nothing).
     """
 
     bits: list[int] = field(default_factory=lambda: [1, 2, 4])
@@ -246,6 +249,7 @@ class BinaryConfig:
     max_texts: int | None = None
     seed: int = 42
     cache_dir: str | None = None
+    holdout: float = 0.1
 
     def __post_init__(self) -> None:
         self.bits = check_bits(self.bits, key="binary.bits")
@@ -276,6 +280,8 @@ class BinaryConfig:
         for key in ("weight", "kl_weight", "weight_decay"):
             if getattr(self, key) < 0:
                 raise UserError(f"binary.{key}: {getattr(self, key)!r} is not valid; use a number >= 0")
+        if isinstance(self.holdout, bool) or not isinstance(self.holdout, int | float) or not 0 <= self.holdout < 0.5:
+            raise UserError(f"binary.holdout: {self.holdout!r} is not valid; use a share in [0, 0.5), e.g. 0.1")
         if self.max_texts is not None and self.max_texts < 2:
             raise UserError(f"binary.max_texts: {self.max_texts!r} is not valid; use None or an integer >= 2")
 
