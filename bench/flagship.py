@@ -239,8 +239,8 @@ def main() -> None:
         folder = "ours" if name in ABLATION and recipe == base else name
         for seed in args.seeds:
             done = (runs / folder / f"seed{seed}" / "eval" / "grid-trained.json").is_file()
-            if not done and (name, seed) in earlier:
-                scored, signed = earlier[name, seed]
+            if not done and (folder, seed) in earlier:
+                scored, signed = earlier[folder, seed]
                 results.setdefault(name, []).append(scored)
                 if signed is not None:
                     sign_results.setdefault(name, []).append(signed)
@@ -257,6 +257,8 @@ def main() -> None:
                 sign_results.setdefault(name, []).append(scores(evaluate(str(model), out, log, grid, tasks, "sign")))
     untrained_grid = runs / "untrained" / "eval"
     untrained = {} if args.report and not (untrained_grid / "grid-trained.json").is_file() else None
+    if untrained is None and earlier_payload and not (untrained_grid / "grid-trained.json").is_file():
+        untrained = earlier_payload["untrained"]
     untrained = (
         untrained if untrained is not None else scores(evaluate(STUDENT, untrained_grid, log, grid, tasks, "trained"))
     )
