@@ -189,7 +189,8 @@ def test_blockwise_infonce_and_kl_equal_the_score_matrix_formulas_and_keep_no_sc
 
     def blockwise():
         loss = infonce(anchors, [positives, negatives])
-        return loss + infonce.kl(target_anchors, [target_positives], anchors, [positives], temperature=0.5)
+        target_pool, pool = infonce.pool([target_positives])[0], infonce.pool([positives])[0]
+        return loss + infonce.kl(target_anchors, target_pool, anchors, pool, temperature=0.5)
 
     def dense():
         scores, labels = infonce.scores(anchors, [positives, negatives])

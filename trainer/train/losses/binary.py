@@ -80,13 +80,15 @@ class BinaryCodeLoss(nn.Module):
             return {}
         contrastive, kl = {}, {}
         for cell, columns in batch.embeddings.items():
+            float_pool = self.contrastive.pool(columns[1:])[0] if self.kl_weight else None
             for depth in self.bits:
                 codes = batch.codes[cell.with_bits(depth)]
+                code_pool = self.contrastive.pool(codes[1:])
                 name = str(cell.with_bits(depth))
-                contrastive[f"bin/{name}"] = self.contrastive(codes[0], codes[1:])
-                if self.kl_weight:
+                contrastive[f"bin/{name}"] = self.contrastive(codes[0], codes[1:], code_pool)
+                if float_pool is not None:
                     kl[f"binkl/{name}"] = self.contrastive.kl(
-                        columns[0], columns[1:], codes[0], codes[1:], self.kl_temperature
+                        columns[0], float_pool, codes[0], code_pool[0], self.kl_temperature
                     )
         return {**group_mean(contrastive, self.weight), **group_mean(kl, self.kl_weight)}
 

@@ -107,31 +107,26 @@ class InfoNCELoss(nn.Module):
         gathered = [self._gather(c) for c in candidates]
         return torch.cat([g for g, _ in gathered], dim=0), gathered[0][1]
 
-    def cross_entropy(self, anchors: Tensor, candidates: list[Tensor]) -> Tensor:
-        """``-1/N sum_i log softmax(s_i)[pos(i)]``, one direction of the loss."""
-        pool, offset = self.pool(candidates)
+    def cross_entropy(self, anchors: Tensor, pool: tuple[Tensor, int]) -> Tensor:
+        """``-1/N sum_i log softmax(s_i)[pos(i)]`` against a ``pool`` from ``pool()``, one direction of the loss."""
+        candidates, offset = pool
         labels = torch.arange(anchors.shape[0], device=anchors.device) + offset
-        return blockwise_sum(partial(_cross_entropy_sum, scale=self.scale), [anchors, labels], [pool]) / len(anchors)
+        block = partial(_cross_entropy_sum, scale=self.scale)
+        return blockwise_sum(block, [anchors, labels], [candidates]) / len(anchors)
 
-    def forward(self, anchors: Tensor, candidates: list[Tensor]) -> Tensor:
-        """The loss; ``candidates[0]`` are the positives, the rest hard negatives."""
-        loss = self.cross_entropy(anchors, candidates)
+    def forward(self, anchors: Tensor, candidates: list[Tensor], pool: tuple[Tensor, int] | None = None) -> Tensor:
+        """The loss; ``candidates[0]`` are the positives, the rest hard negatives. ``pool``: ``pool(candidates)``
+        when the caller already gathered it (to share it with ``kl``)."""
+        loss = self.cross_entropy(anchors, pool if pool is not None else self.pool(candidates))
         if self.symmetric:
-            loss = (loss + self.cross_entropy(candidates[0], [anchors])) / 2
+            loss = (loss + self.cross_entropy(candidates[0], self.pool([anchors]))) / 2
         return loss
 
     def kl(
-        self,
-        target_anchors: Tensor,
-        target_candidates: list[Tensor],
-        anchors: Tensor,
-        candidates: list[Tensor],
-        temperature: float = 1.0,
+        self, target_anchors: Tensor, target_pool: Tensor, anchors: Tensor, pool: Tensor, temperature: float = 1.0
     ) -> Tensor:
-        """``score_kl`` of the scores of ``anchors`` against ``candidates`` to those of the (detached) target
-        vectors, ``1/N sum_i KL(softmax(S_target,i / T) || softmax(S_i / T))``, without materialising either
-        N x M matrix for the backward pass."""
-        target_pool, _ = self.pool([c.detach() for c in target_candidates])
-        pool, _ = self.pool(candidates)
+        """``score_kl`` of the scores of ``anchors`` against ``pool`` to those of the (detached) target vectors,
+        ``1/N sum_i KL(softmax(S_target,i / T) || softmax(S_i / T))``, without materialising either N x M
+        matrix for the backward pass. The pools are ``pool()``'s matrices, gathered once by the caller."""
         block = partial(_kl_sum, scale=self.scale, temperature=temperature)
-        return blockwise_sum(block, [target_anchors.detach(), anchors], [target_pool, pool]) / len(anchors)
+        return blockwise_sum(block, [target_anchors.detach(), anchors], [target_pool.detach(), pool]) / len(anchors)

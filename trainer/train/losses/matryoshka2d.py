@@ -67,7 +67,8 @@ class Matryoshka2dLoss(nn.Module):
         if len(batch.layer_embeddings) < 2:  # a label-free batch of one text column: nothing to contrast
             return {}
         full = batch.full
-        losses = {cell: self.contrastive(columns[0], columns[1:]) for cell, columns in batch.embeddings.items()}
+        pools = {cell: self.contrastive.pool(columns[1:]) for cell, columns in batch.embeddings.items()}
+        losses = {cell: self.contrastive(cols[0], cols[1:], pools[cell]) for cell, cols in batch.embeddings.items()}
         dims = {f"loss/{c.name2d}": v for c, v in losses.items() if c.layers == full.layers and c != full}
         layers = {f"loss/{c.name2d}": v for c, v in losses.items() if c.layers < full.layers}
         components = {
@@ -76,10 +77,10 @@ class Matryoshka2dLoss(nn.Module):
             **group_mean(layers, self.layers_weight),
         }
         if self.kl_weight:
-            target = batch.embeddings[full]
+            target = batch.embeddings[full][0]
             kl = {
                 f"kl/{cell.name2d}": self.contrastive.kl(
-                    target[0], target[1:], columns[0], columns[1:], self.kl_temperature
+                    target, pools[full][0], columns[0], pools[cell][0], self.kl_temperature
                 )
                 for cell, columns in batch.embeddings.items()
                 if cell != full
