@@ -10,6 +10,7 @@ from trainer.binary.codes import (
     UserError,
     code_scores,
     inner_products,
+    positive,
     quantized_baseline_scores,
     sign_codes,
 )
@@ -87,6 +88,16 @@ def test_mismatched_codes_are_refused():
 def test_sign_codes_map_zero_to_minus_one():
     codes = sign_codes(np.array([[0.5, 0.0, -0.2, 1.0, -1.0, 0.0, 3.0, -3.0]]))
     np.testing.assert_array_equal(codes.to_float()[0], [1, -1, -1, 1, -1, -1, 1, -1])
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_positive_reads_the_sign_from_the_bits_exactly_as_comparing_with_zero(dtype):
+    info = np.finfo(dtype)
+    special = [0.0, -0.0, info.tiny, -info.tiny, info.smallest_subnormal, -info.smallest_subnormal]
+    special += [info.max, -info.max, np.inf, -np.inf, 1.0, -1.0]
+    x = np.concatenate([np.array(special, dtype=dtype), np.random.default_rng(0).normal(size=997).astype(dtype)])
+    np.testing.assert_array_equal(positive(x.reshape(-1, 1)), x.reshape(-1, 1) > 0)
+    np.testing.assert_array_equal(positive(x[::3]), x[::3] > 0)  # strided views too
 
 
 def test_ubinary_baseline_equals_sign_code_inner_products():

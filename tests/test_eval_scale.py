@@ -157,8 +157,10 @@ def unit(n: int, dim: int, seed: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_float_top_k_equals_the_dense_product(tmp_path, monkeypatch, dtype):
+@pytest.mark.parametrize("tile_bytes", [1 << 23, 1], ids=["one-tile-per-chunk", "256-row-tiles"])
+def test_float_top_k_equals_the_dense_product(tmp_path, monkeypatch, dtype, tile_bytes):
     monkeypatch.setattr(eval.scan, "chunk_rows", lambda queries, row_floats: 700)
+    monkeypatch.setattr(eval.scan, "TILE_BYTES", tile_bytes)  # 256-row tiles: candidates merged across tiles
     docs = unit(5000, 48, seed=1)
     store = stored(tmp_path, "docs", docs, dtype)
     cell = Cell(1, 40)
@@ -184,7 +186,8 @@ def moved_heads(dim: int, bits: list[int]) -> BinaryHeads:
 
 @pytest.mark.parametrize(
     ("bits", "dim", "trained"),
-    [(1, 64, False), (1, 64, True), (2, 64, True), (4, 64, True), (8, 264, False)],  # 8 x 264: float64 products
+    # 48 and 384 bits: widths faiss has no kernel for (padded); 8 x 264: float64 products
+    [(1, 64, False), (1, 48, False), (1, 384, True), (2, 64, True), (4, 64, True), (8, 264, False)],
 )
 def test_code_top_k_equals_code_scores(tmp_path, monkeypatch, bits, dim, trained):
     monkeypatch.setattr(eval.scan, "chunk_rows", lambda queries, row_floats: 500)
@@ -213,14 +216,13 @@ def test_scan_reads_the_documents_once_in_bounded_chunks(tmp_path, monkeypatch):
     reads: list[tuple[int, int]] = []
     real_read = EmbeddingStore.read
     monkeypatch.setattr(EmbeddingStore, "read", lambda self, n, a, b: reads.append((a, b)) or real_read(self, n, a, b))
-    blocks: list[tuple[int, int]] = []
-    real_add = eval.scan.RunningTopK.add_scores
+    tiles: list[tuple[int, int]] = []
+    real_add = eval.scan.RunningTopK.add_tiles
 
-    def add_scores(self, scores, first_row, exact=None):
-        blocks.append(tuple(scores.shape))
-        return real_add(self, scores, first_row, exact)
+    def add_tiles(self, scored):
+        return real_add(self, (tiles.append(tuple(tile[1].shape)) or tile for tile in scored))
 
-    monkeypatch.setattr(eval.scan.RunningTopK, "add_scores", add_scores)
+    monkeypatch.setattr(eval.scan.RunningTopK, "add_tiles", add_tiles)
     query = torch.from_numpy(unit(7, 32, seed=6))
     for cell in (Cell(1, 32), Cell(1, 32, 1), Cell(1, 32, 2)):
         reads.clear()
@@ -229,7 +231,7 @@ def test_scan_reads_the_documents_once_in_bounded_chunks(tmp_path, monkeypatch):
         else:
             code_top_k(cell_codes(query, cell, None), store, cell, None, k=10)
         assert reads == [(start, min(start + 256, 3000)) for start in range(0, 3000, 256)]
-    assert blocks and all(shape[0] == 7 and shape[1] <= 256 for shape in blocks)  # never 7 x 3000 at once
+    assert tiles and all(shape[0] == 7 and shape[1] <= 256 for shape in tiles)  # never 7 x 3000 at once
 
 
 def test_rescore_reads_only_the_candidates_float_vectors(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from trainer.binary.codes import code_scores, inner_products, sign_codes
 from trainer.binary.heads import BinaryHeads, planes_from_floats, sign_ste
+from trainer.cell_vectors import cell_codes, layer_codes
 from trainer.errors import UserError
 from trainer.grid import Cell, Grid
 from trainer.train.head_only import fit_heads, train_heads_only
@@ -66,6 +67,27 @@ def test_heads_without_blocks_are_the_untrained_heads_at_no_cost():
     for bits in (1, 2, 4):
         cell = Cell(2, 16, bits)
         np.testing.assert_array_equal(plain.encode(x, cell).packed, untrained.encode(x, cell).packed)
+
+
+def test_cells_without_heads_encode_as_the_parameter_free_heads_in_blocks_and_from_layers(monkeypatch):
+    """``cell_codes`` without heads (its 1-bit shortcut packs sign bits) and ``layer_codes`` of float16 and
+    float32 layers are the parameter-free heads' codes; encoding in row blocks changes nothing."""
+    import trainer.binary.heads
+
+    layer = torch.from_numpy(np.random.default_rng(3).normal(size=(300, 48)).astype(np.float16))
+    for bits in (1, 2, 4):
+        cell = Cell(2, 32, bits)
+        unit_prefix = torch.nn.functional.normalize(layer[:, :32].float(), dim=-1)
+        expected = BinaryHeads.parameter_free([32], list(range(1, bits + 1))).encode(unit_prefix, cell)
+        monkeypatch.setattr(trainer.binary.heads, "ENCODE_ROWS", 7)
+        blocked = BinaryHeads.parameter_free([32], list(range(1, bits + 1))).encode(unit_prefix, cell)
+        monkeypatch.undo()
+        for codes in (blocked, cell_codes(unit_prefix, cell, None), layer_codes(layer, cell, None)):
+            np.testing.assert_array_equal(codes.packed, expected.packed)
+            np.testing.assert_array_equal(codes.norms, expected.norms)
+        np.testing.assert_array_equal(layer_codes(layer.float(), cell, None).packed, expected.packed)
+    with pytest.raises(UserError, match="needs embeddings of 32 dims"):
+        cell_codes(layer[:, :40].float(), Cell(2, 32, 1), None)
 
 
 def test_untrained_heads_are_the_residual_sign_quantiser():

@@ -82,7 +82,8 @@ class PackedCodes:
     @classmethod
     def from_planes(cls, planes: np.ndarray) -> PackedCodes:
         """``planes``: (N, bits, dim), positive entries are +1 bits, the rest -1."""
-        planes = np.asarray(planes) > 0
+        planes = np.asarray(planes)
+        planes = planes if planes.dtype == bool else planes > 0
         if planes.ndim != 3:
             raise UserError(f"planes must have shape (N, bits, dim), got {planes.shape}")
         check_packable(planes.shape[2])
@@ -106,10 +107,17 @@ class PackedCodes:
         return np.einsum("nbm,b->nm", self.unpack() * 2.0 - 1.0, plane_weights(self.bits))
 
 
+def positive(x: np.ndarray) -> np.ndarray:
+    """``x > 0`` of a float array, read from its bit patterns: an IEEE float (NaN aside) is above zero exactly
+    when its bits, read as a signed integer, are (numpy compares float16 10-20x slower than int16)."""
+    if x.dtype.kind != "f":
+        return x > 0
+    return x.view({2: np.int16, 4: np.int32, 8: np.int64}[x.dtype.itemsize]) > 0
+
+
 def sign_codes(embeddings: np.ndarray) -> PackedCodes:
     """Parameter-free baseline: one plane, the sign of each coordinate (0 counts as -1)."""
-    embeddings = np.asarray(embeddings)
-    return PackedCodes.from_planes(embeddings[:, None, :] > 0)
+    return PackedCodes.from_planes(positive(np.asarray(embeddings))[:, None, :])
 
 
 def inner_products(queries: PackedCodes, docs: PackedCodes, chunk: int = 256) -> np.ndarray:

@@ -56,6 +56,7 @@ from trainer.errors import UserError
 from trainer.grid import FLOAT_BITS, MAX_CODE_BITS, Cell
 
 HEADS_FOLDER = "binary_heads"
+ENCODE_ROWS = 8192  # rows per block in encode()
 SHARING = ("dim", "cell")
 
 Sharing = Literal["dim", "cell"]
@@ -301,20 +302,24 @@ class BinaryHeads(
     def encode(self, embeddings: Tensor | np.ndarray, cell: Cell) -> PackedCodes:
         """Packed codes of ``cell.bits`` planes for the float cell's unit embeddings (N, cell.dim).
 
-        Runs in eval mode (BatchNorm running statistics) and restores the previous mode afterwards.
+        Runs in eval mode (BatchNorm running statistics, so rows are independent) and restores the previous
+        mode afterwards; rows go through in blocks of ``ENCODE_ROWS``, whose intermediates stay in cache.
         """
         self.check_depth(cell.bits)
         head = self.head_for(cell)
         x = embeddings if isinstance(embeddings, Tensor) else torch.from_numpy(np.asarray(embeddings))
         parameter = next(head.parameters(), None)
-        x = F.normalize(x.float() if parameter is None else x.to(parameter.device, parameter.dtype), dim=-1)
+        x = x.float() if parameter is None else x.to(parameter.device, parameter.dtype)
         was_training = self.training
         self.eval()
         try:
-            floats = self.encode_float(x, cell)[: cell.bits]
+            planes = [
+                planes_from_floats(self.encode_float(F.normalize(block, dim=-1), cell)[: cell.bits]).cpu().numpy()
+                for block in x.split(ENCODE_ROWS)
+            ]
         finally:
             self.train(was_training)
-        return PackedCodes.from_planes(planes_from_floats(floats).cpu().numpy())
+        return PackedCodes.from_planes(np.concatenate(planes) if planes else np.zeros((0, cell.bits, cell.dim), bool))
 
     def save(self, checkpoint: str | Path) -> Path:
         """Save into ``<checkpoint>/binary_heads`` (``save_pretrained``: config.json + model.safetensors)."""
