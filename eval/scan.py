@@ -4,8 +4,9 @@
 score is a threshold: a chunk is scored one cache-sized tile (``TILE_BYTES``) at a time, each tile compared
 with the thresholds in one pass while it is in cache, and only the documents above them are merged, so memory
 is bounded by one chunk (``BLOCK_BYTES``) whatever the corpus size, and the cost is the kernel's plus the
-upkeep of the ``k`` best (with mteb's k = 1000, about ``k ln(N / k)`` insertions per query over N documents). Documents are read from the store with file reads (``EmbeddingStore.read``) and turned into the
-cell's vectors or codes by the one definition of a cell (``trainer.cell_vectors``). Kernels:
+upkeep of the ``k`` best (with mteb's k = 1000, about ``k ln(N / k)`` insertions per query over N documents).
+Documents are read from the store with file reads (``EmbeddingStore.read``) and turned into the cell's vectors
+or codes by the one definition of a cell (``trainer.cell_vectors``). Kernels:
 
 - **float cells**: ``q @ x.T`` of the unit prefixes, a float32 matrix product per tile, exactly the in-memory
   cosine;
@@ -207,22 +208,21 @@ def code_top_k(
     query_forms = integer_forms(query, dtype)
     rows_per_chunk = chunk_rows(len(query), store_dim + 2 * cell.bits * cell.dim)
 
-    def tile_scores(docs: PackedCodes, forms: Tensor, first: int, end: int) -> tuple[Tensor, Exact | None]:
-        inner = query_forms @ forms[first:end].T
-        norms = _norm_products(query, docs.norms[first:end])
-        if not exact_in_float32:
-            return inner * scale / norms.double(), None
+    def tiles() -> Iterator[tuple[int, Tensor, Exact | None]]:
+        tile = tile_rows(len(query))
+        for start, docs in doc_codes(store, cell, heads, rows_per_chunk, rows_per_chunk):
+            forms = integer_forms(docs, dtype)
+            for first in range(0, len(docs), tile):
+                inner = query_forms @ forms[first : first + tile].T
+                norms = _norm_products(query, docs.norms[first : first + tile])
+                if not exact_in_float32:
+                    yield start + first, inner * scale / norms.double(), None
+                    continue
 
-        def exact(q: Tensor, c: Tensor) -> Tensor:
-            return inner[q, c].double() * scale / norms[q, c].double()
+                def exact(q: Tensor, c: Tensor, inner: Tensor = inner, norms: Tensor = norms) -> Tensor:
+                    return inner[q, c].double() * scale / norms[q, c].double()
 
-        return inner / norms * scale, exact
+                yield start + first, inner / norms * scale, exact
 
-    tile = tile_rows(len(query))
-    best.add_tiles(
-        (start + first, *tile_scores(docs, forms, first, first + tile))
-        for start, docs in doc_codes(store, cell, heads, rows_per_chunk, rows_per_chunk)
-        for forms in [integer_forms(docs, dtype)]
-        for first in range(0, len(docs), tile)
-    )
+    best.add_tiles(tiles())
     return best.scores, best.rows

@@ -32,9 +32,8 @@ import torch.nn.functional as F
 from sentence_transformers import SentenceTransformer
 from torch import Tensor, nn
 
-from trainer.binary.codes import PackedCodes, check_packable, sign_codes
+from trainer.binary.codes import PackedCodes
 from trainer.binary.heads import BinaryHeads
-from trainer.errors import UserError
 from trainer.grid import Cell
 
 FINAL_NORM_NAMES = ("norm", "final_norm", "ln_f", "final_layer_norm", "final_layernorm")
@@ -174,22 +173,17 @@ def code_heads(heads: BinaryHeads | None, cell: Cell) -> BinaryHeads:
 
 
 def cell_codes(vectors: Tensor | np.ndarray, cell: Cell, heads: BinaryHeads | None) -> PackedCodes:
-    """A binary cell's codes (step 4) of its unit float vectors (N, cell.dim). Without trained heads the 1-bit
-    code is the residual sign quantiser's first plane, the sign of each coordinate, packed directly."""
-    if heads is None and cell.bits == 1:
-        check_packable(cell.dim)
-        if vectors.shape[-1] != cell.dim:
-            raise UserError(f"cell {cell.name2d} needs embeddings of {cell.dim} dims, got {vectors.shape[-1]}")
-        return sign_codes(np.asarray(vectors))
+    """A binary cell's codes (step 4) of its unit float vectors (N, cell.dim)."""
     return code_heads(heads, cell).encode(vectors, cell)
 
 
 def layer_codes(layer: Tensor, cell: Cell, heads: BinaryHeads | None) -> PackedCodes:
-    """A binary cell's codes of a layer's embeddings (N, width): steps 3-4. The parameter-free 1-bit code is
-    the sign of the prefix's coordinates, which re-normalising does not change, so step 3 is skipped for it."""
-    if heads is None and cell.bits == 1:
-        return cell_codes(layer[..., : cell.dim], cell, None)
-    return cell_codes(cell_vector({cell.layers: layer}, cell.with_bits(32)), cell, heads)
+    """A binary cell's codes of a layer's embeddings (N, width): steps 3-4. A code that is the sign bits of its
+    input (``BinaryHeads.signs_only``) is taken from the raw prefix: re-normalising does not change a sign."""
+    heads = code_heads(heads, cell)
+    if heads.signs_only(cell):
+        return heads.encode(layer[..., : cell.dim], cell)
+    return heads.encode(cell_vector({cell.layers: layer}, cell.with_bits(32)), cell)
 
 
 @torch.inference_mode()

@@ -51,7 +51,7 @@ from safetensors import SafetensorError
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from trainer.binary.codes import PackedCodes, check_packable
+from trainer.binary.codes import PackedCodes, check_packable, sign_codes
 from trainer.errors import UserError
 from trainer.grid import FLOAT_BITS, MAX_CODE_BITS, Cell
 
@@ -157,6 +157,11 @@ def buffers_kept(module: nn.Module) -> Iterator[None]:
                 buffer.copy_(value)
 
 
+def check_width(x: Tensor | np.ndarray, cell: Cell) -> None:
+    if x.shape[-1] != cell.dim:
+        raise UserError(f"cell {cell.name2d} needs embeddings of {cell.dim} dims, got {x.shape[-1]}")
+
+
 def planes_from_floats(floats: Sequence[Tensor]) -> Tensor:
     """Bool planes (N, bits, dim) from float forms ``e_0..e_k``: ``b_0 = e_0``, ``b_i = 2^i (e_i - e_{i-1})``."""
     planes = [floats[0] > 0] + [(current - previous) > 0 for previous, current in itertools.pairwise(floats)]
@@ -258,9 +263,13 @@ class BinaryHeads(
 
     def encode_float(self, x: Tensor, cell: Cell) -> list[Tensor]:
         """Float forms ``e_0 .. e_{max(bits)-1}`` of unit embeddings ``x`` (N, cell.dim); differentiable."""
-        if x.shape[-1] != cell.dim:
-            raise UserError(f"cell {cell.name2d} needs embeddings of {cell.dim} dims, got {x.shape[-1]}")
+        check_width(x, cell)
         return self.head_for(cell)(x)
+
+    def signs_only(self, cell: Cell) -> bool:
+        """Whether ``cell``'s code is the sign bits of its input: 1 bit from a head without an encoder block
+        (the parameter-free quantiser). Re-normalising the input then changes nothing."""
+        return cell.bits == 1 and self.head_for(cell).encoder is None
 
     forward = encode_float
 
@@ -307,6 +316,9 @@ class BinaryHeads(
         """
         self.check_depth(cell.bits)
         head = self.head_for(cell)
+        if self.signs_only(cell):  # packed straight from the signs: no float forms needed
+            check_width(embeddings, cell)
+            return sign_codes(np.asarray(embeddings))
         x = embeddings if isinstance(embeddings, Tensor) else torch.from_numpy(np.asarray(embeddings))
         parameter = next(head.parameters(), None)
         x = x.float() if parameter is None else x.to(parameter.device, parameter.dtype)
