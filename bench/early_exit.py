@@ -1,5 +1,9 @@
 """Encode throughput of each layer count of one checkpoint (real early exit); ideal speed-up is L/l.
 
+Beside it, the throughput the grid's cost measurement reports for the same texts: ``ExitClock`` timing every
+block's exit inside one full-depth pass (median of the repeats), which is what ``eval.cost`` uses instead of
+encoding once per layer count.
+
 python bench/early_exit.py [--model sentence-transformers/all-MiniLM-L6-v2]
 python bench/early_exit.py --smoke
 """
@@ -7,12 +11,13 @@ python bench/early_exit.py --smoke
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 
 import torch
 
 from bench.common import markdown, median_seconds, write_result
-from trainer.cell_vectors import embedding_dim, num_layers
+from trainer.cell_vectors import ExitClock, embedding_dim, encode_layers, num_layers
 from trainer.serve.model import load
 
 
@@ -26,12 +31,26 @@ def run(model_id: str, n: int, repeats: int) -> list[dict]:
     elastic = load(model_id)
     depth, width = num_layers(elastic.model), embedding_dim(elastic.model)
     batch = texts(n)
+    encode_layers(elastic.model, batch[:32], [depth], batch_size=32)  # warm-up
+    clocks = [ExitClock() for _ in range(repeats)]
+    for clock in clocks:
+        encode_layers(elastic.model, batch, [depth], batch_size=32, clock=clock)
     rows, full = [], None
     for layers in range(depth, 0, -1):
         encoder = elastic.at(f"L{layers}-D{width}")
         seconds = median_seconds(lambda encoder=encoder: encoder.encode(batch, batch_size=32), repeats)
         full = full or seconds
-        rows.append({"layers": layers, "texts/s": n / seconds, "speed-up": full / seconds, "ideal L/l": depth / layers})
+        clocked = statistics.median(clock.texts_per_second()[layers] for clock in clocks)
+        rows.append(
+            {
+                "layers": layers,
+                "texts/s": n / seconds,
+                "speed-up": full / seconds,
+                "ideal L/l": depth / layers,
+                "clocked texts/s": clocked,
+                "clocked / real": clocked * seconds / n,
+            }
+        )
     return rows
 
 

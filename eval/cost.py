@@ -2,9 +2,13 @@
 
 Per task and layer count ``L``:
 
-- ``queries_per_s`` / ``docs_per_s``: texts per second encoding a seeded sample (up to ``SAMPLE`` texts) of
-  the task's queries / documents with real early exit (``trainer.cell_vectors.encode_cell``: only the first
-  ``L`` blocks run), in batches of the grid's batch size, after one untimed warm-up batch.
+- ``queries_per_s`` / ``docs_per_s``: texts per second encoding the task's queries / documents with early
+  exit after ``L`` blocks, clocked inside the grid's own encoding pass (``trainer.cell_vectors.ExitClock``:
+  tokenisation, the first ``L`` blocks and one layer's share of the pooling, which is what early exit runs),
+  after the pass's first, warm-up batch; so pricing every layer costs no encoding of its own. Where that pass
+  encoded nothing here (stores reused, or encoded by worker processes on several devices) or only one batch,
+  a seeded sample (up to ``SAMPLE`` texts) is encoded once at full depth with the same clock, after one
+  untimed warm-up batch.
 
 Per task and cell:
 
@@ -37,7 +41,7 @@ from sentence_transformers import SentenceTransformer
 from eval.embeddings import TaskEmbeddings
 from eval.search import RESCORE_K, CellSearch
 from eval.tasks import TaskTexts
-from trainer.cell_vectors import embedding_dim, encode_cell
+from trainer.cell_vectors import ExitClock, encode_layers, num_layers
 from trainer.grid import Cell
 
 SAMPLE = 256
@@ -64,14 +68,13 @@ def _sample(items: list[str], size: int = SAMPLE) -> list[str]:
     return items if len(items) <= size else random.Random(0).sample(items, size)
 
 
-def texts_per_second(
-    model: SentenceTransformer, texts: list[str], layers: int, batch_size: int, prompt: str | None
-) -> float:
-    """Encoding throughput of ``texts`` running only the first ``layers`` blocks."""
-    cell = Cell(layers, embedding_dim(model))
-    start = time.perf_counter()
-    encode_cell(model, texts, cell, batch_size=batch_size, prompt=prompt)
-    return len(texts) / (time.perf_counter() - start)
+def sample_clock(model: SentenceTransformer, texts: list[str], batch_size: int, prompt: str | None) -> ExitClock:
+    """The exit clock of one full-depth pass over a seeded sample of ``texts``, after an untimed warm-up batch."""
+    sample, depth = _sample(texts), num_layers(model)
+    encode_layers(model, sample[:batch_size], [depth], batch_size=batch_size, prompt=prompt)  # warm-up
+    clock = ExitClock()
+    encode_layers(model, sample, [depth], batch_size=batch_size, prompt=prompt, clock=clock)
+    return clock
 
 
 def encoding_costs(
@@ -80,17 +83,16 @@ def encoding_costs(
     layers: list[int],
     batch_size: int,
     prompts: tuple[str | None, str | None],
+    clocks: tuple[ExitClock, ExitClock] | None = None,
 ) -> dict[int, dict[str, float]]:
-    """``{L: {"queries_per_s": ..., "docs_per_s": ...}}`` for each layer count."""
-    queries, docs = _sample(texts.queries), _sample(texts.docs)
-    encode_cell(model, docs[:batch_size], Cell(max(layers), embedding_dim(model)), batch_size=batch_size)  # warm-up
-    return {
-        layer: {
-            "queries_per_s": texts_per_second(model, queries, layer, batch_size, prompts[0]),
-            "docs_per_s": texts_per_second(model, docs, layer, batch_size, prompts[1]),
-        }
-        for layer in layers
-    }
+    """``{L: {"queries_per_s": ..., "docs_per_s": ...}}`` for each layer count, from ``clocks`` (the grid's
+    encoding pass of the queries and documents) where they timed texts, else from a sample pass."""
+    rates = []
+    for role_texts, prompt, clock in zip((texts.queries, texts.docs), prompts, clocks or (None, None), strict=True):
+        if clock is None or not clock.texts:
+            clock = sample_clock(model, role_texts, batch_size, prompt)
+        rates.append(clock.texts_per_second())
+    return {layer: {"queries_per_s": rates[0][layer], "docs_per_s": rates[1][layer]} for layer in layers}
 
 
 def search_ms_per_query(search: CellSearch, embeddings: TaskEmbeddings) -> float:
@@ -178,7 +180,7 @@ def measure(
     costs = store.task(task_name)
     layers = sorted({s.cell.layers for s in searches.values()} - {int(layer) for layer in costs["layers"]})
     if layers:
-        measured = encoding_costs(model, texts, layers, store.batch_size, prompts)
+        measured = encoding_costs(model, texts, layers, store.batch_size, prompts, embeddings.clocks)
         costs["layers"].update({str(layer): value for layer, value in measured.items()})
     for key, search in searches.items():
         if key not in costs["cells"]:

@@ -7,19 +7,21 @@ distinct text. Rows are in encoding order (longest text first, as ``encode_layer
 batch), and chunks are whole batches, so each text is encoded in exactly the batch an in-memory pass over all
 texts would give it. A store is keyed by the model identity, prompt, max length, dtype and texts; an
 interrupted encoding resumes at its last complete chunk; ``devices`` encodes on several devices at once.
+Each role's ``ExitClock`` times every layer exit of the chunks this process encoded (``eval.cost``); the first
+batch the grid encodes is the warm-up and is not timed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from sentence_transformers import SentenceTransformer
 
 from eval.tasks import TaskTexts
-from trainer.cell_vectors import LayerEncoder, layer_name
+from trainer.cell_vectors import ExitClock, LayerEncoder, layer_name
 from trainer.store import EmbeddingStore, build_store, text_key
 
 ROLES = ("query", "doc")
@@ -28,12 +30,14 @@ CHUNK_BATCHES = 64  # encoding batches per store chunk: the granularity of a res
 
 @dataclass(frozen=True)
 class TaskEmbeddings:
-    """Row ``query_rows[id]`` of matrix ``L<l>`` of ``queries`` embeds query ``id`` at layer ``l`` (same for docs)."""
+    """Row ``query_rows[id]`` of matrix ``L<l>`` of ``queries`` embeds query ``id`` at layer ``l`` (same for docs);
+    ``clocks`` (queries, documents) timed the layer exits of what was encoded now (nothing, for reused stores)."""
 
     queries: EmbeddingStore
     docs: EmbeddingStore
     query_rows: dict[str, int]
     doc_rows: dict[str, int]
+    clocks: tuple[ExitClock, ExitClock] = field(default_factory=lambda: (ExitClock(), ExitClock()))
 
     def query_vectors(self, layer: int, ids: Sequence[str]) -> np.ndarray:
         return self.queries.take(layer_name(layer), [self.query_rows[i] for i in ids])
@@ -57,8 +61,10 @@ def encode_role(
     dtype: str,
     devices: Sequence[str],
     label: str,
+    clock: ExitClock,
 ) -> tuple[EmbeddingStore, dict[str, int]]:
-    """The store of one role's texts (reused, resumed or encoded) and each id's row in it."""
+    """The store of one role's texts (reused, resumed or encoded) and each id's row in it; ``clock`` times the
+    chunks encoded in this process."""
     rows = encoding_order(texts)
     identity = {"model": model_id, "prompt": prompt, "max_seq_length": model.max_seq_length, "dtype": dtype}
     key = text_key(identity, rows)
@@ -67,7 +73,7 @@ def encode_role(
         key,
         rows,
         [layer_name(layer) for layer in layers],
-        LayerEncoder(model, tuple(layers), batch_size, prompt),
+        LayerEncoder(model, tuple(layers), batch_size, prompt, clock),
         dtype=dtype,
         chunk_size=batch_size * CHUNK_BATCHES,
         label=label,
@@ -92,10 +98,28 @@ def load_or_encode(
     layers = sorted(set(layers))
     common = dict(layers=layers, batch_size=batch_size, dtype=dtype, devices=devices)
     name = folder.name
+    query_clock = ExitClock(skip=1)
     queries, query_rows = encode_role(
-        model, model_id, texts.query_ids, texts.queries, folder / "query", prompts[0], label=f"{name} queries", **common
+        model,
+        model_id,
+        texts.query_ids,
+        texts.queries,
+        folder / "query",
+        prompts[0],
+        label=f"{name} queries",
+        clock=query_clock,
+        **common,
     )
+    doc_clock = ExitClock(skip=0 if query_clock.batches else 1)  # encoded queries warmed the model up
     docs, doc_rows = encode_role(
-        model, model_id, texts.doc_ids, texts.docs, folder / "doc", prompts[1], label=f"{name} documents", **common
+        model,
+        model_id,
+        texts.doc_ids,
+        texts.docs,
+        folder / "doc",
+        prompts[1],
+        label=f"{name} documents",
+        clock=doc_clock,
+        **common,
     )
-    return TaskEmbeddings(queries, docs, query_rows, doc_rows)
+    return TaskEmbeddings(queries, docs, query_rows, doc_rows, (query_clock, doc_clock))

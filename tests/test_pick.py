@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
 import pytest
+import torch
 from sentence_transformers import SentenceTransformer
 from test_eval_helpers import make_beir_folder, make_tiny_model
 
 import eval.cost
 from eval.cli import main
-from eval.cost import encoding_costs
 from eval.pick import cell_rows, pareto_front
-from eval.tasks import resolve_task, task_texts
+from trainer.cell_vectors import ExitClock, encode_layers
 from trainer.grid import Cell
 
 # cell: (nDCG@10 on task a, on task b, ms per query); the mean quality is the middle of a and b.
@@ -171,13 +172,46 @@ def test_real_grid_measures_cost_per_cell_and_pick_agrees_with_its_table(tiny, t
     assert json.loads((out / "grid.json").read_text())["cells"] == grid["cells"]
 
 
-def test_encoding_throughput_runs_only_the_cell_layers(tiny):
-    checkpoint, beir = tiny
+def test_exit_clock_prices_every_exit_from_one_pass(tiny):
+    checkpoint, _ = tiny
     model = SentenceTransformer(str(checkpoint), device="cpu")
-    calls = [0, 0, 0]
-    for index, block in enumerate(model[0].auto_model.encoder.layer):
-        block.register_forward_hook(lambda *args, index=index: calls.__setitem__(index, calls[index] + 1))
-    task, split = resolve_task(f"{beir}:test")
-    costs = encoding_costs(model, task_texts(task, split), [1], batch_size=64, prompts=(None, None))
-    assert set(costs) == {1} and set(costs[1]) == {"queries_per_s", "docs_per_s"}
-    assert calls == [3, 0, 0]  # warm-up, queries, documents: each ran the first block only
+    blocks = list(model[0].auto_model.encoder.layer)
+    texts = ["a short text", "a somewhat longer text here", "x", "another one", "the fifth text of five"]
+    plain = encode_layers(model, texts, [1, 3], batch_size=2)
+    hooks = [len(block._forward_hooks) for block in blocks]
+    ticks = itertools.count()
+    clock = ExitClock(skip=1, timer=lambda: float(next(ticks)))
+    clocked = encode_layers(model, texts, [1, 3], batch_size=2, clock=clock)
+    assert all(torch.equal(plain[layer], clocked[layer]) for layer in (1, 3))
+    assert [len(block._forward_hooks) for block in blocks] == hooks  # the clock's hooks are gone
+    # Each batch reads the timer at its start (t), after blocks 1..3 (t+1..t+3) and at its end (t+4): exiting
+    # at layer l costs l ticks plus half (2 pooled layers) of the 1-tick tail; batches 2 and 3 are counted.
+    assert clock.batches == 3 and clock.texts == 3
+    assert clock.seconds == {1: 3.0, 2: 5.0, 3: 7.0}
+    assert clock.texts_per_second() == {1: 1.0, 2: 3 / 5, 3: 3 / 7}
+
+
+def test_grid_costs_come_from_its_one_encoding_pass(tiny, tmp_path, monkeypatch):
+    checkpoint, beir = tiny
+    out = tmp_path / "out"
+    argv = ["grid", "--model", str(checkpoint), "--tasks", f"{beir}:test", "--layers", "1", "3"]
+    argv += ["--dims", "8", "32", "--bits", "32", "--batch-size", "2", "--output", str(out)]
+    samples = []
+    real_sample_clock = eval.cost.sample_clock
+
+    def counting(model, texts, batch_size, prompt):
+        samples.append(len(texts))
+        return real_sample_clock(model, texts, batch_size, prompt)
+
+    monkeypatch.setattr(eval.cost, "sample_clock", counting)
+    main(argv)
+    assert samples == []  # queries (2 batches, the first one warm-up) and documents were clocked as encoded
+    layers = json.loads((out / "costs.json").read_text())["tasks"]["beir-test"]["layers"]
+    assert set(layers) == {"1", "3"}
+    for role in ("queries_per_s", "docs_per_s"):
+        assert layers["1"][role] >= layers["3"][role] > 0  # exiting earlier never costs more, by construction
+
+    (out / "costs.json").unlink()  # the stores are reused: nothing is encoded, so a sample is clocked
+    main(argv)
+    assert samples == [4, 12]
+    assert set(json.loads((out / "costs.json").read_text())["tasks"]["beir-test"]["layers"]) == {"1", "3"}

@@ -17,14 +17,16 @@ For a cell ``L<l>-D<d>-B<b>`` and a text:
 
 ``layer_embeddings`` does steps 1-2 for several layers from ONE forward pass (``output_hidden_states``);
 ``cell_vector`` step 3; ``cell_codes`` step 4; ``encode_layers`` runs steps 1-2 over texts in batches, and
-``LayerEncoder`` is it as the chunk encoder of an on-disk store (``trainer.store``).
+``LayerEncoder`` is it as the chunk encoder of an on-disk store (``trainer.store``). ``ExitClock`` prices every
+early exit from that same pass.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -186,6 +188,64 @@ def layer_codes(layer: Tensor, cell: Cell, heads: BinaryHeads | None) -> PackedC
     return heads.encode(cell_vector({cell.layers: layer}, cell.with_bits(32)), cell)
 
 
+@dataclass
+class ExitClock:
+    """What encoding costs at each layer exit, clocked inside full forward passes (``encode_layers(clock=...)``).
+
+    Forward hooks stamp the time each block returns. A batch started at ``t0`` (tokenisation included), whose
+    block ``l`` returned at ``t_l``, whose last block returned at ``t_depth`` and whose ``p`` pooled layers were
+    all on the CPU at ``t_end``, would have cost
+
+        t_l - t0 + (t_end - t_depth) / p
+
+    with real early exit at layer ``l`` (``early_exit``): tokenisation, the first ``l`` blocks, and one
+    layer's share of the pooling. ``seconds[l]`` sums this over the batches after the first ``skip`` (warm-up),
+    ``texts`` counts their texts and ``batches`` every batch clocked; so one pass prices every exit. On CUDA
+    each stamp waits for the device.
+    """
+
+    skip: int = 0
+    seconds: dict[int, float] = field(default_factory=dict)
+    texts: int = 0
+    batches: int = 0
+    timer: Callable[[], float] = time.perf_counter
+
+    def texts_per_second(self) -> dict[int, float]:
+        return {layer: self.texts / seconds for layer, seconds in self.seconds.items()}
+
+    @contextmanager
+    def batch(self, model: SentenceTransformer, size: int, pooled: int) -> Iterator[None]:
+        """Clock one batch of ``size`` texts whose ``pooled`` layers are computed inside the block."""
+        parent, attribute = layer_stack(model)
+        blocks = getattr(parent, attribute)
+        on_cuda = model.device.type == "cuda"
+        stamps: list[float] = []
+
+        def stamp(*_) -> None:
+            if on_cuda:
+                torch.cuda.synchronize(model.device)
+            stamps.append(self.timer())
+
+        start = self.timer()
+        handles = [block.register_forward_hook(stamp) for block in blocks]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+        stamp()
+        if len(stamps) != len(blocks) + 1:
+            raise RuntimeError(f"ExitClock: {len(stamps) - 1} block exits clocked for {len(blocks)} blocks")
+        self.batches += 1
+        if self.batches <= self.skip:
+            self.skip -= 1
+            return
+        end, last = stamps.pop(), stamps[-1]
+        for layer, returned in enumerate(stamps, start=1):
+            self.seconds[layer] = self.seconds.get(layer, 0.0) + returned - start + (end - last) / pooled
+        self.texts += size
+
+
 @torch.inference_mode()
 def encode_layers(
     model: SentenceTransformer,
@@ -194,8 +254,10 @@ def encode_layers(
     batch_size: int = 64,
     show_progress_bar: bool = False,
     prompt: str | None = None,
+    clock: ExitClock | None = None,
 ) -> dict[int, Tensor]:
-    """Float32 embeddings (CPU) of every requested layer exit for ``texts``, each text encoded once."""
+    """Float32 embeddings (CPU) of every requested layer exit for ``texts``, each text encoded once; ``clock``
+    times every exit of the same passes (``ExitClock``)."""
     from tqdm.auto import tqdm
 
     layers = sorted(set(layers))
@@ -207,10 +269,11 @@ def encode_layers(
         batch = [texts[i] for i in order[start : start + batch_size]]
         if prompt:
             batch = [prompt + t for t in batch]
-        features = model.preprocess(batch)
-        features = {k: v.to(model.device) if isinstance(v, Tensor) else v for k, v in features.items()}
-        for layer, emb in layer_embeddings(model, features, layers).items():
-            chunks[layer].append(emb.float().cpu())
+        with clock.batch(model, len(batch), len(layers)) if clock else nullcontext():
+            features = model.preprocess(batch)
+            features = {k: v.to(model.device) if isinstance(v, Tensor) else v for k, v in features.items()}
+            for layer, emb in layer_embeddings(model, features, layers).items():
+                chunks[layer].append(emb.float().cpu())
     inverse = torch.empty(len(texts), dtype=torch.long)
     inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(texts))
     return {layer: torch.cat(parts)[inverse] if parts else torch.empty(0) for layer, parts in chunks.items()}
@@ -224,15 +287,19 @@ def layer_name(layer: int) -> str:
 @dataclass
 class LayerEncoder:
     """``encode_layers`` as a store's chunk encoder: ``{"L<l>": float32 (N, D)}`` per layer; ``to(device)``
-    moves the model, so that ``trainer.store.build_store`` can run one copy per device."""
+    moves the model, so that ``trainer.store.build_store`` can run one copy per device. ``clock`` times the
+    exits of the chunks encoded in this process."""
 
     model: SentenceTransformer
     layers: tuple[int, ...]
     batch_size: int = 64
     prompt: str | None = None
+    clock: ExitClock | None = None
 
     def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
-        encoded = encode_layers(self.model, texts, self.layers, batch_size=self.batch_size, prompt=self.prompt)
+        encoded = encode_layers(
+            self.model, texts, self.layers, batch_size=self.batch_size, prompt=self.prompt, clock=self.clock
+        )
         return {layer_name(layer): emb.numpy() for layer, emb in encoded.items()}
 
     def to(self, device: str) -> LayerEncoder:
