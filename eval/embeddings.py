@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from eval.tasks import TaskTexts
 from trainer.cell_vectors import ExitClock, LayerEncoder, layer_name
 from trainer.store import EmbeddingStore, build_store, text_key
 
-ROLES = ("query", "doc")
+ROLES = {"query": "queries", "doc": "documents"}  # store folder -> what the progress bar calls it
 CHUNK_BATCHES = 64  # encoding batches per store chunk: the granularity of a resumed encoding
 
 
@@ -51,32 +52,32 @@ def encoding_order(texts: Sequence[str]) -> list[str]:
 def encode_role(
     model: SentenceTransformer,
     model_id: str,
+    folder: Path,
+    role: str,
     ids: Sequence[str],
     texts: Sequence[str],
-    folder: Path,
     prompt: str | None,
+    clock: ExitClock,
     *,
     layers: Sequence[int],
     batch_size: int,
     dtype: str,
     devices: Sequence[str],
-    label: str,
-    clock: ExitClock,
 ) -> tuple[EmbeddingStore, dict[str, int]]:
-    """The store of one role's texts (reused, resumed or encoded) and each id's row in it; ``clock`` times the
-    chunks encoded in this process."""
+    """The store ``folder/role`` of one role's texts (reused, resumed or encoded) and each id's row in it;
+    ``clock`` times the chunks encoded in this process."""
     rows = encoding_order(texts)
     identity = {"model": model_id, "prompt": prompt, "max_seq_length": model.max_seq_length, "dtype": dtype}
     key = text_key(identity, rows)
     store = build_store(
-        folder,
+        folder / role,
         key,
         rows,
         [layer_name(layer) for layer in layers],
         LayerEncoder(model, tuple(layers), batch_size, prompt, clock),
         dtype=dtype,
         chunk_size=batch_size * CHUNK_BATCHES,
-        label=label,
+        label=f"{folder.name} {ROLES[role]}",
         devices=devices,
     )
     row_of = {text: i for i, text in enumerate(rows)}
@@ -96,30 +97,11 @@ def load_or_encode(
 ) -> TaskEmbeddings:
     """The stores of ``layers`` for the task's queries and documents under ``folder``, encoded when missing."""
     layers = sorted(set(layers))
-    common = dict(layers=layers, batch_size=batch_size, dtype=dtype, devices=devices)
-    name = folder.name
+    encode = partial(
+        encode_role, model, model_id, folder, layers=layers, batch_size=batch_size, dtype=dtype, devices=devices
+    )
     query_clock = ExitClock(skip=1)
-    queries, query_rows = encode_role(
-        model,
-        model_id,
-        texts.query_ids,
-        texts.queries,
-        folder / "query",
-        prompts[0],
-        label=f"{name} queries",
-        clock=query_clock,
-        **common,
-    )
+    queries, query_rows = encode("query", texts.query_ids, texts.queries, prompts[0], query_clock)
     doc_clock = ExitClock(skip=0 if query_clock.batches else 1)  # encoded queries warmed the model up
-    docs, doc_rows = encode_role(
-        model,
-        model_id,
-        texts.doc_ids,
-        texts.docs,
-        folder / "doc",
-        prompts[1],
-        label=f"{name} documents",
-        clock=doc_clock,
-        **common,
-    )
+    docs, doc_rows = encode("doc", texts.doc_ids, texts.docs, prompts[1], doc_clock)
     return TaskEmbeddings(queries, docs, query_rows, doc_rows, (query_clock, doc_clock))
