@@ -85,6 +85,25 @@ def test_each_group_is_a_mean_so_adding_cells_keeps_the_shares():
     assert sum(out[f"loss/{c.name2d}"].item() for c in earlier) == pytest.approx(3.0 * sum(map(infonce, earlier)) / 3)
 
 
+def test_kl_can_leave_the_last_layer_to_matryoshka():
+    """kl_last_layer=False: the KL group is the mean over the earlier-layer cells only, same values as before."""
+    generator = torch.Generator().manual_seed(1)
+    anchors = F.normalize(torch.randn(4, 8, generator=generator, dtype=torch.float64), dim=-1)
+    positives = F.normalize(anchors + 0.5 * torch.randn(4, 8, generator=generator, dtype=torch.float64), dim=-1)
+    cells = [Cell(3, 8), Cell(3, 4), Cell(1, 2), Cell(2, 4)]
+    embeddings = {c: [F.normalize(x[:, : c.dim] + 0.1 * c.layers, dim=-1) for x in (anchors, positives)] for c in cells}
+    batch = CellBatch(embeddings, [{}, {}], Cell(3, 8), None)
+    every = Matryoshka2dLoss(InfoNCELoss(scale=5.0), kl_weight=2.0)(batch)
+    earlier = Matryoshka2dLoss(InfoNCELoss(scale=5.0), kl_weight=2.0, kl_last_layer=False)(batch)
+    assert {k for k in every if k.startswith("kl/")} == {"kl/L3-D4", "kl/L1-D2", "kl/L2-D4"}
+    assert {k for k in earlier if k.startswith("kl/")} == {"kl/L1-D2", "kl/L2-D4"}
+    for name in ("kl/L1-D2", "kl/L2-D4"):  # a mean over 2 cells instead of 3
+        assert earlier[name].item() == pytest.approx(every[name].item() * 3 / 2, rel=1e-12)
+    assert {k: v.item() for k, v in earlier.items() if k.startswith("loss/")} == {
+        k: v.item() for k, v in every.items() if k.startswith("loss/")
+    }
+
+
 def test_kl_gradient_reaches_only_the_small_cell():
     full, small = Cell(2, 2), Cell(1, 2)
     a_full = unit([[1.0, 0.1], [0.2, 1.0]]).requires_grad_(True)

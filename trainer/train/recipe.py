@@ -147,7 +147,8 @@ class LossConfig:
     every step, all layers when ``layers`` is absent; ``2dmse``: sampled per step). The objective is
     ``full_weight`` x the full cell's InfoNCE + ``dims_weight`` x the mean over the last layer's smaller
     dims + ``layers_weight`` x the mean over the earlier-layer cells + ``kl_weight`` x the mean KL of each
-    cell to the full cell. ``contrastive_weight: 0`` turns this term off (label-free distillation).
+    cell to the full cell (of each earlier-layer cell only, with ``kl_last_layer: false``).
+    ``contrastive_weight: 0`` turns this term off (label-free distillation).
     ``mini_batch_size``: gradient caching (``trainer.train.losses.elastic.ElasticLoss``): batches larger than
     this are embedded this many texts at a time, so memory stays that of this size whatever the batch size;
     null (default) embeds each column of the batch at once.
@@ -166,6 +167,7 @@ class LossConfig:
     layers_weight: float = 1.0
     kl_weight: float = 1.0
     kl_temperature: float = 1.0
+    kl_last_layer: bool = True
     n_layers_per_step: int = 1
     n_dims_per_step: int = 1
     seed: int = 42

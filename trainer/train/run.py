@@ -102,6 +102,7 @@ def build_loss(recipe: Recipe, model: SentenceTransformer, grid: Grid, teacher_d
             layers_weight=config.contrastive_weight * config.layers_weight,
             kl_weight=config.contrastive_weight * config.kl_weight,
             kl_temperature=config.kl_temperature,
+            kl_last_layer=config.kl_last_layer,
         )
     if recipe.binary is not None:
         binary = recipe.binary

@@ -39,7 +39,8 @@ def run_summary(
         )
         lines.append(
             f"weights: full {config.full_weight}, last-layer dims {config.dims_weight}, earlier cells "
-            f"{config.layers_weight}, KL {config.kl_weight} (x contrastive {config.contrastive_weight})"
+            f"{config.layers_weight}, KL {config.kl_weight}{'' if config.kl_last_layer else ' (earlier layers only)'} "
+            f"(x contrastive {config.contrastive_weight})"
         )
     if recipe.binary is not None:
         binary = recipe.binary

@@ -20,6 +20,8 @@ class Matryoshka2dLoss(nn.Module):
           + w_layers * mean_{l < L} InfoNCE(S_{l,d})           (the earlier-layer cells of the step)
           + w_kl     * mean_{c != full} KL(P_full || P_c),     P_c = softmax(S_c / T), S_full detached
 
+    (with ``kl_last_layer=False`` the KL mean runs over the earlier-layer cells only)
+
     (Kusupati et al. 2022, Matryoshka Representation Learning; Zhuang et al. 2024, Starbucks, whose KL aligns
     each cell to the full model; Li et al. 2024, 2DMSE). Each group is a *mean*, so adding a cell or a dim to
     the grid never re-weights the other groups: the shares of the objective are the four weights. A batch
@@ -57,11 +59,12 @@ class Matryoshka2dLoss(nn.Module):
         layers_weight: float = 1.0,
         kl_weight: float = 1.0,
         kl_temperature: float = 1.0,
+        kl_last_layer: bool = True,
     ) -> None:
         super().__init__()
         self.contrastive = contrastive
         self.full_weight, self.dims_weight, self.layers_weight = full_weight, dims_weight, layers_weight
-        self.kl_weight, self.kl_temperature = kl_weight, kl_temperature
+        self.kl_weight, self.kl_temperature, self.kl_last_layer = kl_weight, kl_temperature, kl_last_layer
 
     def forward(self, batch: CellBatch) -> dict[str, Tensor]:
         if len(batch.layer_embeddings) < 2:  # a label-free batch of one text column: nothing to contrast
@@ -83,7 +86,7 @@ class Matryoshka2dLoss(nn.Module):
                     target, pools[full][0], columns[0], pools[cell][0], self.kl_temperature
                 )
                 for cell, columns in batch.embeddings.items()
-                if cell != full
+                if cell != full and (self.kl_last_layer or cell.layers < full.layers)
             }
             components.update(group_mean(kl, self.kl_weight))
         return components
@@ -97,4 +100,5 @@ class Matryoshka2dLoss(nn.Module):
             "layers_weight": self.layers_weight,
             "kl_weight": self.kl_weight,
             "kl_temperature": self.kl_temperature,
+            "kl_last_layer": self.kl_last_layer,
         }
