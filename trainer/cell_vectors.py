@@ -238,7 +238,6 @@ class ExitClock:
             raise RuntimeError(f"ExitClock: {len(stamps) - 1} block exits clocked for {len(blocks)} blocks")
         self.batches += 1
         if self.batches <= self.skip:
-            self.skip -= 1
             return
         end, last = stamps.pop(), stamps[-1]
         for layer, returned in enumerate(stamps, start=1):
