@@ -141,7 +141,7 @@ def one_size(docs: int, queries: int, grid: Grid, k: int, workdir: Path) -> list
     for cell in grid.all_cells():
         peak_mib(reset=True)
         seconds = score(cell, query_layers[cell.layers], store, k)
-        product = cell.is_float or cell.bits > 1  # scored by matrix products (B1: faiss popcounts)
+        product = cell.is_float or cell.bits > 1  # scored by matrix products (B1: popcounts)
         gflops = 2 * queries * docs * cell.dim / seconds / 1e9
         rows.append(
             {
@@ -208,13 +208,14 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=1000, help="documents kept per query (mteb asks 1000)")
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4, 6])
     parser.add_argument("--dims", type=int, nargs="+", default=[32, 64, 128, 256, 384])
+    parser.add_argument("--bits", type=int, nargs="+", default=[32, 1, 2], help="bit depths (32 = float)")
     parser.add_argument("--workdir", help="folder for the stores (default: a temporary folder under /tmp)")
     parser.add_argument("--smoke", action="store_true", help="3,000 documents, 20 queries, 12 cells; seconds")
     parser.add_argument("--one-size", action="store_true", help=argparse.SUPPRESS)  # a child process
     args = parser.parse_args()
     if args.smoke:
         args.docs, args.queries, args.layers, args.dims = [3000], 20, [1, 6], [32, 384]
-    grid = Grid.from_spec(layers=args.layers, dims=args.dims, bits=[32, 1, 2])
+    grid = Grid.from_spec(layers=args.layers, dims=args.dims, bits=args.bits)
     root = Path(tempfile.mkdtemp(prefix="grid-scale-", dir=args.workdir))
     try:
         if args.one_size:
@@ -224,6 +225,7 @@ def main() -> None:
         for docs in args.docs:  # a fresh process per size: its own peak memory
             child = [sys.executable, __file__, "--one-size", "--docs", str(docs), "--queries", str(args.queries)]
             child += ["--top-k", str(args.top_k), "--layers", *map(str, args.layers), "--dims", *map(str, args.dims)]
+            child += ["--bits", *map(str, args.bits)]
             child += ["--workdir", str(root)]
             output = subprocess.run(child, check=True, capture_output=True, text=True).stdout
             rows += json.loads(next(line[5:] for line in output.splitlines() if line.startswith("ROWS ")))
@@ -232,7 +234,8 @@ def main() -> None:
     cells = [row for row in rows if row["cell"] != "summary"]
     print(markdown(by_bits(cells)))
     print(markdown([row for row in rows if row["cell"] == "summary"]))
-    print(write_result("grid_scale", "python " + " ".join(sys.argv), rows, args.smoke))
+    name = "grid_scale" if args.bits == [32, 1, 2] else "grid_scale-B" + "-B".join(map(str, args.bits))
+    print(write_result(name, "python " + " ".join(sys.argv), rows, args.smoke))
 
 
 if __name__ == "__main__":
