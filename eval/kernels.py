@@ -117,3 +117,48 @@ def query_words(packed: np.ndarray) -> np.ndarray:
 def doc_words(packed: np.ndarray) -> np.ndarray:
     """``query_words`` transposed to (words, N), ``hamming_top_k``'s documents: a tile of one word is contiguous."""
     return np.ascontiguousarray(query_words(packed).T)
+
+
+@numba.njit(parallel=True, cache=True)
+def _marked_counts(scores: np.ndarray, cut: np.ndarray, marks: np.ndarray) -> np.ndarray:
+    """Per query (row of ``scores``), mark the entries above its ``cut`` and count them."""
+    n_queries, n = scores.shape
+    counts = np.zeros(n_queries, np.int64)
+    for q in numba.prange(n_queries):
+        limit = cut[q]
+        c = 0
+        for j in range(n):
+            above = scores[q, j] > limit
+            marks[q, j] = above
+            c += above
+        counts[q] = c
+    return counts
+
+
+@numba.njit(parallel=True, cache=True)
+def _gather_marked(marks: np.ndarray, offsets: np.ndarray, width: int, out: np.ndarray) -> None:
+    """The flat indices ``q * width + j`` of the marked entries, in row-major order, written from ``offsets``
+    (``marks`` is padded to a multiple of 8 columns with unmarked ones)."""
+    n_queries, n = marks.shape
+    words = marks.view(np.uint64).reshape(n_queries, n // 8)
+    for q in numba.prange(n_queries):
+        at = offsets[q]
+        for g in range(n // 8):
+            if words[q, g] == 0:
+                continue
+            for j in range(8 * g, 8 * g + 8):
+                if marks[q, j]:
+                    out[at] = q * width + j
+                    at += 1
+
+
+def flat_above(scores: np.ndarray, cut: np.ndarray) -> np.ndarray:
+    """``np.flatnonzero(scores > cut[:, None])`` for a C-contiguous (queries, n) tile, in two passes: a
+    vectorised mark-and-count, then a gather that skips eight unmarked entries at a time."""
+    n = scores.shape[1]
+    marks = np.zeros((scores.shape[0], n + (-n % 8)), np.uint8)
+    counts = _marked_counts(scores, cut, marks[:, :n])
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    out = np.empty(int(offsets[-1]), np.int64)
+    _gather_marked(marks, offsets[:-1], n, out)
+    return out

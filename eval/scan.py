@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from eval.kernels import doc_words, hamming_top_k, query_words
+from eval.kernels import doc_words, flat_above, hamming_top_k, query_words
 from trainer.binary.codes import PackedCodes
 from trainer.binary.heads import BinaryHeads
 from trainer.cell_vectors import cell_vector, layer_codes, layer_name
@@ -78,10 +78,9 @@ class RunningTopK:
                 self.merge(scores, first_row=first_row)
                 continue
             cut = self.scores[:, -1].to(scores.dtype).numpy()
-            if exact is None:
-                above = np.flatnonzero(scores.numpy() > cut[:, None])
-            else:
-                above = np.flatnonzero(scores.numpy() >= (cut - MARGIN * np.abs(cut))[:, None])
+            if exact is not None:  # ">= cut - margin" as ">" its next lower float
+                cut = np.nextafter(cut - MARGIN * np.abs(cut), -np.inf)
+            above = flat_above(np.ascontiguousarray(scores.numpy()), cut)
             query, column = np.divmod(above, scores.shape[1])
             query, column = torch.from_numpy(query), torch.from_numpy(column)
             values = scores.reshape(-1)[torch.from_numpy(above)] if exact is None else exact(query, column)

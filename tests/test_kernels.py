@@ -6,7 +6,7 @@ import faiss
 import numpy as np
 import pytest
 
-from eval.kernels import TILE, doc_words, hamming_top_k, query_words
+from eval.kernels import TILE, doc_words, flat_above, hamming_top_k, query_words
 
 
 def brute_force(queries: np.ndarray, docs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -40,3 +40,13 @@ def test_hamming_top_k_orders_as_faiss_counting_top_k():
     faiss_distances, faiss_rows = faiss.knn_hamming(query_codes, doc_codes, 100, "mc")
     np.testing.assert_array_equal(distances, faiss_distances)
     np.testing.assert_array_equal(rows, faiss_rows)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("width", [2048, 2001, 5])
+def test_flat_above_equals_numpy(dtype, width):
+    rng = np.random.default_rng(width)
+    scores = rng.standard_normal((33, width)).astype(dtype)
+    cut = rng.uniform(0.5, 3.0, 33).astype(dtype)
+    cut[0] = np.inf  # a query with nothing above its cut
+    np.testing.assert_array_equal(flat_above(scores, cut), np.flatnonzero(scores > cut[:, None]))
