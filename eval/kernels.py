@@ -50,6 +50,21 @@ def _keep_best(distances: np.ndarray, rows: np.ndarray, filled: int, k: int, bit
     return kept, threshold
 
 
+@numba.njit(cache=True)
+def _append_marked(marks: np.ndarray, n: int, base: int, out: np.ndarray, at: int) -> int:
+    """Write ``base + j`` for each marked column ``j < n`` of ``marks`` (uint8, padded with unmarked entries
+    to a multiple of 8) to ``out`` from ``at``, skipping eight unmarked entries at a time; return the new end."""
+    words = marks.view(np.uint64)
+    for g in range((n + 7) // 8):
+        if words[g] == 0:
+            continue
+        for j in range(8 * g, 8 * g + 8):
+            if marks[j]:
+                out[at] = base + j
+                at += 1
+    return at
+
+
 @numba.njit(parallel=True, cache=True)
 def hamming_top_k(queries: np.ndarray, docs: np.ndarray, k: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact Hamming top-k: ``queries`` (Q, W) and ``docs`` transposed (W, N), codes as uint64 words (zero
@@ -70,7 +85,6 @@ def hamming_top_k(queries: np.ndarray, docs: np.ndarray, k: int, bits: int) -> t
         threshold = np.full(size, bits + 1, np.int32)
         distance = np.zeros(TILE, np.int32)
         marks = np.zeros(TILE, np.uint8)
-        mark_words = marks.view(np.uint64)
         for start in range(0, n_docs, TILE):
             m = min(TILE, n_docs - start)
             for i in range(size):
@@ -84,14 +98,9 @@ def hamming_top_k(queries: np.ndarray, docs: np.ndarray, k: int, bits: int) -> t
                 for j in range(m):
                     marks[j] = distance[j] < limit
                 marks[m:] = 0
-                f = filled[i]
-                for g in range((m + 7) // 8):
-                    if mark_words[g] == 0:
-                        continue
-                    for j in range(8 * g, 8 * g + 8):
-                        if marks[j]:
-                            kept_distances[i, f], kept_rows[i, f] = distance[j], start + j
-                            f += 1
+                f = _append_marked(marks, m, start, kept_rows[i], filled[i])
+                for x in range(filled[i], f):
+                    kept_distances[i, x] = distance[kept_rows[i, x] - start]
                 filled[i] = f
                 if f > capacity - TILE:
                     filled[i], threshold[i] = _keep_best(kept_distances[i], kept_rows[i], f, k, bits)
@@ -139,17 +148,8 @@ def _marked_counts(scores: np.ndarray, cut: np.ndarray, marks: np.ndarray) -> np
 def _gather_marked(marks: np.ndarray, offsets: np.ndarray, width: int, out: np.ndarray) -> None:
     """The flat indices ``q * width + j`` of the marked entries, in row-major order, written from ``offsets``
     (``marks`` is padded to a multiple of 8 columns with unmarked ones)."""
-    n_queries, n = marks.shape
-    words = marks.view(np.uint64).reshape(n_queries, n // 8)
-    for q in numba.prange(n_queries):
-        at = offsets[q]
-        for g in range(n // 8):
-            if words[q, g] == 0:
-                continue
-            for j in range(8 * g, 8 * g + 8):
-                if marks[q, j]:
-                    out[at] = q * width + j
-                    at += 1
+    for q in numba.prange(marks.shape[0]):
+        _append_marked(marks[q], width, q * width, out, offsets[q])
 
 
 def flat_above(scores: np.ndarray, cut: np.ndarray) -> np.ndarray:
