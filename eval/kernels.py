@@ -1,4 +1,4 @@
-"""The scan's two compiled loops (numba): exact Hamming top-k, and the entries of a score tile above thresholds.
+"""The scan's compiled loops (numba): exact Hamming top-k, and the running top-k of tiles of scores.
 
 Both are the same idea: a running threshold per query, a vectorised pass that marks the few entries that can
 still enter the top k, and a scalar pass only over the marked bytes (eight marks are tested as one 64-bit
@@ -128,37 +128,115 @@ def doc_words(packed: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(query_words(packed).T)
 
 
+@numba.njit(cache=True)
+def _keep_best_scores(scores: np.ndarray, rows: np.ndarray, filled: int, k: int) -> tuple[int, float]:
+    """Keep, in place and in arrival order, the ``k`` best of the first ``filled`` (score, row) by score, ties by
+    arrival; return how many are kept and the threshold ``t``: a later entry enters only if its score is above
+    ``t`` (it loses ties to every kept one). Fewer than ``k`` entries: all are kept and ``t = -inf``."""
+    if filled < k:
+        return filled, -np.inf
+    threshold = np.partition(scores[:filled].copy(), filled - k)[filled - k]  # the k-th largest
+    ties = k
+    for i in range(filled):
+        ties -= scores[i] > threshold
+    kept = 0
+    for i in range(filled):
+        s = scores[i]
+        if s > threshold or (s == threshold and ties > 0):
+            ties -= s == threshold
+            scores[kept], rows[kept] = s, rows[i]
+            kept += 1
+    return kept, threshold
+
+
 @numba.njit(parallel=True, cache=True)
-def _marked_counts(scores: np.ndarray, cut: np.ndarray, marks: np.ndarray) -> np.ndarray:
-    """Per query (row of ``scores``), mark the entries above its ``cut`` and count them."""
+def add_products(
+    products: np.ndarray,
+    query_norms: np.ndarray,
+    doc_norms: np.ndarray,
+    scale: float,
+    first_row: int,
+    margin: float,
+    kept_scores: np.ndarray,
+    kept_rows: np.ndarray,
+    filled: np.ndarray,
+    threshold: np.ndarray,
+    k: int,
+) -> None:
+    """Merge a tile of documents ``first_row...`` into each query's running ``k`` best, in place.
+
+    The score of entry (q, j) is ``products[q, j] * scale / max(query_norms[q] * doc_norms[j], 1e-12)``, the
+    inner product and norms of ``code_scores`` (the product of the float32 norms in float32, the rest in
+    float64; float cells pass norms of ones and scale 1, so the score is the product itself). A vectorised
+    pass marks the entries whose estimate ``products * (1 / |d|)`` (float32) is above the running threshold
+    less ``margin`` (relative, far above the estimate's rounding) in the same units; only those are scored
+    exactly and kept if above the threshold. State per query (row): ``kept_scores``/``kept_rows`` (capacity at
+    least ``k`` + the tile's width) with ``filled`` entries, compacted to the ``k`` best (``_keep_best_scores``)
+    when the next tile might not fit, which also raises ``threshold``.
+    """
+    n_queries, n = products.shape
+    capacity = kept_scores.shape[1]
+    doc_inverse = (1.0 / doc_norms).astype(np.float32)
+    for block in numba.prange((n_queries + QUERY_BLOCK - 1) // QUERY_BLOCK):
+        marks = np.zeros(n + (-n % 8), np.uint8)
+        for q in range(block * QUERY_BLOCK, min(n_queries, (block + 1) * QUERY_BLOCK)):
+            if filled[q] + n > capacity:
+                filled[q], threshold[q] = _keep_best_scores(kept_scores[q], kept_rows[q], filled[q], k)
+            limit = threshold[q]
+            cut = limit - margin * abs(limit) if limit > -np.inf else -np.inf
+            estimate_cut = np.float32(cut * np.float64(query_norms[q]) / scale)  # in units of products / |d|
+            row = products[q]
+            for j in range(n):
+                marks[j] = row[j] * doc_inverse[j] > estimate_cut
+            end = _append_marked(marks, n, 0, kept_rows[q], filled[q])
+            f = filled[q]
+            for x in range(filled[q], end):
+                j = kept_rows[q, x]
+                norm = max(np.float32(query_norms[q] * doc_norms[j]), np.float32(1e-12))
+                score = np.float64(row[j]) * scale / np.float64(norm)
+                if score > limit:
+                    kept_scores[q, f], kept_rows[q, f] = score, first_row + j
+                    f += 1
+            filled[q] = f
+
+
+@numba.njit(parallel=True, cache=True)
+def add_candidates(
+    scores: np.ndarray,
+    rows: np.ndarray,
+    kept_scores: np.ndarray,
+    kept_rows: np.ndarray,
+    filled: np.ndarray,
+    threshold: np.ndarray,
+    k: int,
+) -> None:
+    """Merge candidates (scores, rows), each (Q, n) in arrival order, into each query's running ``k`` best (the
+    state of ``add_products``), in place."""
     n_queries, n = scores.shape
-    counts = np.zeros(n_queries, np.int64)
+    capacity = kept_scores.shape[1]
     for q in numba.prange(n_queries):
-        limit = cut[q]
-        c = 0
-        for j in range(n):
-            above = scores[q, j] > limit
-            marks[q, j] = above
-            c += above
-        counts[q] = c
-    return counts
+        if filled[q] + n > capacity:
+            filled[q], threshold[q] = _keep_best_scores(kept_scores[q], kept_rows[q], filled[q], k)
+        f = filled[q]
+        for i in range(n):
+            if scores[q, i] > threshold[q]:
+                kept_scores[q, f], kept_rows[q, f] = scores[q, i], rows[q, i]
+                f += 1
+        filled[q] = f
 
 
 @numba.njit(parallel=True, cache=True)
-def _gather_marked(marks: np.ndarray, offsets: np.ndarray, width: int, out: np.ndarray) -> None:
-    """The flat indices ``q * width + j`` of the marked entries, in row-major order, written from ``offsets``
-    (``marks`` is padded to a multiple of 8 columns with unmarked ones)."""
-    for q in numba.prange(marks.shape[0]):
-        _append_marked(marks[q], width, q * width, out, offsets[q])
-
-
-def flat_above(scores: np.ndarray, cut: np.ndarray) -> np.ndarray:
-    """``np.flatnonzero(scores > cut[:, None])`` for a C-contiguous (queries, n) tile, in two passes: a
-    vectorised mark-and-count, then a gather that skips eight unmarked entries at a time."""
-    n = scores.shape[1]
-    marks = np.zeros((scores.shape[0], n + (-n % 8)), np.uint8)
-    counts = _marked_counts(scores, cut, marks[:, :n])
-    offsets = np.concatenate([[0], np.cumsum(counts)])
-    out = np.empty(int(offsets[-1]), np.int64)
-    _gather_marked(marks, offsets[:-1], n, out)
-    return out
+def sorted_best(
+    kept_scores: np.ndarray, kept_rows: np.ndarray, filled: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, rows), each (Q, k): every query's ``k`` best of its kept entries, best first, ties by arrival
+    (``-inf`` and row -1 where a query holds fewer)."""
+    n_queries = kept_scores.shape[0]
+    out_scores = np.full((n_queries, k), -np.inf)
+    out_rows = np.full((n_queries, k), -1, np.int64)
+    for q in numba.prange(n_queries):
+        kept, _ = _keep_best_scores(kept_scores[q], kept_rows[q], filled[q], k)
+        order = np.argsort(-kept_scores[q, :kept], kind="mergesort")  # stable: ties stay in arrival order
+        for i in range(kept):
+            out_scores[q, i], out_rows[q, i] = kept_scores[q, order[i]], kept_rows[q, order[i]]
+    return out_scores, out_rows

@@ -2,7 +2,8 @@
 
 ``RunningTopK`` keeps the ``k`` best (score, row) of every query. Once a query holds ``k`` documents, its k-th
 score is a threshold: a chunk is scored one cache-sized tile (``TILE_BYTES``) at a time, each tile compared
-with the thresholds in one pass while it is in cache, and only the documents above them are merged, so memory
+with the thresholds in one compiled pass while it is in cache (``eval.kernels.add_products``), and only the
+documents above them are kept, so memory
 is bounded by one chunk (``BLOCK_BYTES``) whatever the corpus size, and the cost is the kernel's plus the
 upkeep of the ``k`` best (with mteb's k = 1000, about ``k ln(N / k)`` insertions per query over N documents).
 Documents are read from the store with file reads (``EmbeddingStore.read``) and turned into the cell's vectors
@@ -17,23 +18,22 @@ or codes by the one definition of a cell (``trainer.cell_vectors``). Kernels:
   Hamming order is score order, and the returned scores are computed exactly as ``code_scores`` computes them;
 - **multi-bit cells**: the float form scaled to integers, ``2^(B-1) e = sum_i 2^(B-1-i) b_i`` (odd integers),
   multiplied as a float32 matrix product per tile, which is exact while ``m (2^B - 1)^2 < 2^24`` (float64 beyond).
-  Candidates are chosen by the float32 cosine with a relative rounding margin, then scored exactly as
-  ``code_scores`` does (float64 inner product divided by the float32 product of the norms), so the ranking is
-  code_scores' ranking.
+  Candidates are chosen by a float32 estimate of the cosine with a relative rounding margin, then scored exactly
+  as ``code_scores`` does (float64 inner product divided by the float32 product of the norms), so the ranking
+  is code_scores' ranking.
 
-Ties at the k-th score are resolved by arrival order, as ``numpy.argpartition`` resolves them by its own.
+Equal scores are ordered by row (the order documents arrive in), also at the k-th place.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from functools import partial
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from eval.kernels import doc_words, flat_above, hamming_top_k, query_words
+from eval.kernels import add_candidates, add_products, doc_words, hamming_top_k, query_words, sorted_best
 from trainer.binary.codes import PackedCodes
 from trainer.binary.heads import BinaryHeads
 from trainer.cell_vectors import cell_vector, layer_codes, layer_name
@@ -43,76 +43,49 @@ from trainer.store import EmbeddingStore
 BLOCK_BYTES = 1 << 28  # one chunk's (queries x documents) float32 scores, and its documents' working arrays
 HAMMING_ROWS = 1 << 18  # documents per Hamming top-k call: its k best are merged into the running ones
 TILE_BYTES = 1 << 23  # one tile's (queries x documents) float32 scores: they stay in cache while compared
-MARGIN = 2.0**-18  # relative: float32 cosines of exact integer products are within 2^-23 of the float64 ones
-
-Exact = Callable[[Tensor, Tensor], Tensor]  # the true scores of entries (query, column) of a tile
+MARGIN = 2.0**-18  # relative: the float32 estimate of a score is within a few 2^-24 of it
 
 
 class RunningTopK:
-    """The ``k`` best (score, row) of each of ``queries`` queries over chunks of documents, best first."""
+    """The ``k`` best (score, row) of each of ``queries`` queries over chunks of documents, ties by arrival.
 
-    def __init__(self, queries: int, k: int, dtype: torch.dtype) -> None:
+    The upkeep is compiled (``eval.kernels``): each query keeps up to ``k + width`` entries and its k-th score
+    as a threshold; a tile of at most ``width`` documents is compared with the thresholds in one pass while it
+    is in cache, only the documents above them are kept, and a query's entries are cut back to its ``k`` best
+    when the next tile might not fit.
+    """
+
+    def __init__(self, queries: int, k: int, width: int) -> None:
         self.k = k
-        self.scores = torch.full((queries, k), -torch.inf, dtype=dtype)
-        self.rows = torch.full((queries, k), -1, dtype=torch.long)
+        self.scores = np.empty((queries, 2 * k + width), np.float64)
+        self.rows = np.empty(self.scores.shape, np.int64)
+        self.filled = np.zeros(queries, np.int64)
+        self.threshold = np.full(queries, -np.inf)
 
-    @property
-    def full(self) -> bool:
-        """Whether every query holds ``k`` documents (its k-th score is then a threshold)."""
-        return not bool(torch.isinf(self.scores[:, -1]).any())
+    def add_products(
+        self,
+        products: Tensor,
+        first_row: int,
+        query_norms: np.ndarray | None = None,
+        doc_norms: np.ndarray | None = None,
+        scale: float = 1.0,
+    ) -> None:
+        """A (queries, n) tile of documents ``first_row...``: scores ``products * scale / (|q| |d|)``, with
+        ``code_scores``' rounding (``eval.kernels.add_products``); without norms, the products themselves."""
+        queries, n = products.shape
+        query_norms = np.ones(queries, np.float32) if query_norms is None else query_norms
+        doc_norms = np.ones(n, np.float32) if doc_norms is None else doc_norms
+        state = (self.scores, self.rows, self.filled, self.threshold, self.k)
+        add_products(products.numpy(), query_norms, doc_norms, scale, first_row, MARGIN, *state)
 
-    def add_tiles(self, tiles: Iterator[tuple[int, Tensor, Exact | None]]) -> None:
-        """Dense (queries, n) tiles of scores of rows ``first_row...``, given as ``(first_row, scores, exact)``.
-        With ``exact``, ``scores`` are float32 approximations (within ``MARGIN``) and ``exact(q, c)`` the true
-        scores of entries ``(q, c)``.
+    def add_candidates(self, scores: np.ndarray, rows: np.ndarray) -> None:
+        """Candidates (queries, n) of explicit rows, in arrival order."""
+        add_candidates(scores, rows, self.scores, self.rows, self.filled, self.threshold, self.k)
 
-        Each tile is compared with the running k-th scores while it is still in cache; only the documents
-        above them are kept, in one dense block per tile, and the blocks are merged once they hold ``k``
-        columns (or at the end). So the cost is the tiles' plus one pass over each and the few candidates.
-        """
-        blocks: list[tuple[Tensor, Tensor]] = []
-        for first_row, scores, exact in tiles:
-            if not self.full:
-                if exact is not None:
-                    scores = exact(torch.arange(len(scores))[:, None], torch.arange(scores.shape[1])[None, :])
-                self.merge(scores, first_row=first_row)
-                continue
-            cut = self.scores[:, -1].to(scores.dtype).numpy()
-            if exact is not None:  # ">= cut - margin" as ">" its next lower float
-                cut = np.nextafter(cut - MARGIN * np.abs(cut), -np.inf)
-            above = flat_above(np.ascontiguousarray(scores.numpy()), cut)
-            query, column = np.divmod(above, scores.shape[1])
-            query, column = torch.from_numpy(query), torch.from_numpy(column)
-            values = scores.reshape(-1)[torch.from_numpy(above)] if exact is None else exact(query, column)
-            blocks.append(self.dense(query, column + first_row, values))
-            if sum(block.shape[1] for block, _ in blocks) >= self.k:
-                self.merge(*map(partial(torch.cat, dim=1), zip(*blocks, strict=True)))
-                blocks = []
-        if blocks:
-            self.merge(*map(partial(torch.cat, dim=1), zip(*blocks, strict=True)))
-
-    def dense(self, query: Tensor, rows: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-        """Scored documents ``rows`` of queries ``query`` (ascending, rows ascending within a query) as a dense
-        (queries, most per query) block of (scores, rows), -inf where a query has fewer; only documents above
-        the running k-th score are kept."""
-        keep = values > self.scores[query, -1]
-        query, rows, values = query[keep], rows[keep], values[keep]
-        counts = torch.bincount(query, minlength=len(self.scores))
-        slot = torch.arange(len(query)) - (torch.cumsum(counts, 0) - counts)[query]
-        width = int(counts.max()) if len(query) else 0
-        block = torch.full((len(self.scores), width), -torch.inf, dtype=self.scores.dtype)
-        block_rows = torch.full(block.shape, -1, dtype=torch.long)
-        block[query, slot], block_rows[query, slot] = values.to(block.dtype), rows
-        return block, block_rows
-
-    def merge(self, scores: Tensor, rows: Tensor | None = None, first_row: int = 0) -> None:
-        """A dense (queries, n) block of candidates, of ``rows`` or else of rows ``first_row + column``: keep the
-        ``k`` best of them and the running ones."""
-        best = torch.cat([self.scores, scores.to(self.scores.dtype)], dim=1).topk(self.k, dim=1)
-        column = best.indices - self.k
-        running = self.rows.gather(1, best.indices.clamp(max=self.k - 1))
-        new = column + first_row if rows is None else rows.gather(1, column.clamp(min=0))
-        self.scores, self.rows = best.values, torch.where(column < 0, running, new)
+    def best(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(scores, rows), each (queries, k), best first, ties by arrival."""
+        scores, rows = sorted_best(self.scores, self.rows, self.filled, self.k)
+        return torch.from_numpy(scores).to(dtype), torch.from_numpy(rows)
 
 
 def chunk_rows(queries: int, row_floats: int) -> int:
@@ -150,15 +123,12 @@ def doc_codes(
 
 def float_top_k(query: Tensor, store: EmbeddingStore, cell: Cell, k: int) -> tuple[Tensor, Tensor]:
     """(scores, rows), each (queries, k), best first: the cosine of the float cell's unit vectors."""
-    best = RunningTopK(len(query), min(k, store.rows), torch.float32)
-    chunks = doc_vectors(store, cell, chunk_rows(len(query), store.dims[layer_name(cell.layers)]))
     tile = tile_rows(len(query))
-    best.add_tiles(
-        (start + first, query @ docs[first : first + tile].T, None)
-        for start, docs in chunks
-        for first in range(0, len(docs), tile)
-    )
-    return best.scores, best.rows
+    best = RunningTopK(len(query), min(k, store.rows), tile)
+    for start, docs in doc_vectors(store, cell, chunk_rows(len(query), store.dims[layer_name(cell.layers)])):
+        for first in range(0, len(docs), tile):
+            best.add_products(query @ docs[first : first + tile].T, start + first)
+    return best.best(torch.float32)
 
 
 def tile_rows(queries: int) -> int:
@@ -172,46 +142,30 @@ def integer_forms(codes: PackedCodes, dtype: torch.dtype) -> Tensor:
     return torch.einsum("nbm,b->nm", planes, 2.0 ** torch.arange(codes.bits - 1, -1, -1, dtype=dtype))
 
 
-def _norm_products(query: PackedCodes, docs_norms: np.ndarray) -> Tensor:
-    """``|e_q| |e_d|`` in float32, clipped, exactly as ``code_scores`` forms its denominator."""
-    return (torch.from_numpy(query.norms)[:, None] * torch.from_numpy(docs_norms)).clamp_min(1e-12)
-
-
 def code_top_k(
     query: PackedCodes, store: EmbeddingStore, cell: Cell, heads: BinaryHeads | None, k: int
 ) -> tuple[Tensor, Tensor]:
     """(scores, rows), each (queries, k), best first: ``code_scores`` of the binary cell's codes."""
-    best = RunningTopK(len(query), min(k, store.rows), torch.float64)
+    k = min(k, store.rows)
     store_dim = store.dims[layer_name(cell.layers)]
     if cell.bits == 1:
+        best = RunningTopK(len(query), k, k)
         rows_per_read = chunk_rows(0, store_dim + 2 * cell.dim)
         queries = query_words(query.packed[:, 0])
         for start, docs in doc_codes(store, cell, heads, rows_per_read, HAMMING_ROWS):
-            hamming, rows = hamming_top_k(queries, doc_words(docs.packed[:, 0]), best.k, cell.dim)
-            inner = torch.from_numpy(cell.dim - 2 * hamming.astype(np.float64))
-            best.merge(inner / _norm_products(query, docs.norms[rows]), torch.from_numpy(rows) + start)
-        return best.scores, best.rows
-    exact_in_float32 = cell.dim * (2**cell.bits - 1) ** 2 < 2**24
-    dtype = torch.float32 if exact_in_float32 else torch.float64
-    scale = 2.0 ** (2 - 2 * cell.bits)
-    query_forms = integer_forms(query, dtype)
+            hamming, rows = hamming_top_k(queries, doc_words(docs.packed[:, 0]), k, cell.dim)
+            inner = cell.dim - 2 * hamming.astype(np.float64)
+            norms = np.maximum(query.norms[:, None] * docs.norms[rows], np.float32(1e-12))
+            best.add_candidates(inner / norms, rows + start)
+        return best.best(torch.float64)
+    dtype = torch.float32 if cell.dim * (2**cell.bits - 1) ** 2 < 2**24 else torch.float64  # exact products
+    query_forms, scale = integer_forms(query, dtype), 2.0 ** (2 - 2 * cell.bits)
+    tile = tile_rows(len(query))
+    best = RunningTopK(len(query), k, tile)
     rows_per_chunk = chunk_rows(len(query), store_dim + 2 * cell.bits * cell.dim)
-
-    def tiles() -> Iterator[tuple[int, Tensor, Exact | None]]:
-        tile = tile_rows(len(query))
-        for start, docs in doc_codes(store, cell, heads, rows_per_chunk, rows_per_chunk):
-            forms = integer_forms(docs, dtype)
-            for first in range(0, len(docs), tile):
-                inner = query_forms @ forms[first : first + tile].T
-                norms = _norm_products(query, docs.norms[first : first + tile])
-                if not exact_in_float32:
-                    yield start + first, inner * scale / norms.double(), None
-                    continue
-
-                def exact(q: Tensor, c: Tensor, inner: Tensor = inner, norms: Tensor = norms) -> Tensor:
-                    return inner[q, c].double() * scale / norms[q, c].double()
-
-                yield start + first, inner / norms * scale, exact
-
-    best.add_tiles(tiles())
-    return best.scores, best.rows
+    for start, docs in doc_codes(store, cell, heads, rows_per_chunk, rows_per_chunk):
+        forms = integer_forms(docs, dtype)
+        for first in range(0, len(docs), tile):
+            inner = query_forms @ forms[first : first + tile].T
+            best.add_products(inner, start + first, query.norms, docs.norms[first : first + tile], scale)
+    return best.best(torch.float64)

@@ -217,12 +217,12 @@ def test_scan_reads_the_documents_once_in_bounded_chunks(tmp_path, monkeypatch):
     real_read = EmbeddingStore.read
     monkeypatch.setattr(EmbeddingStore, "read", lambda self, n, a, b: reads.append((a, b)) or real_read(self, n, a, b))
     tiles: list[tuple[int, int]] = []
-    real_add = eval.scan.RunningTopK.add_tiles
+    real_add = eval.scan.RunningTopK.add_products
 
-    def add_tiles(self, scored):
-        return real_add(self, (tiles.append(tuple(tile[1].shape)) or tile for tile in scored))
+    def add_products(self, products, *args):
+        return tiles.append(tuple(products.shape)) or real_add(self, products, *args)
 
-    monkeypatch.setattr(eval.scan.RunningTopK, "add_tiles", add_tiles)
+    monkeypatch.setattr(eval.scan.RunningTopK, "add_products", add_products)
     query = torch.from_numpy(unit(7, 32, seed=6))
     for cell in (Cell(1, 32), Cell(1, 32, 1), Cell(1, 32, 2)):
         reads.clear()

@@ -1,4 +1,5 @@
-"""The scan's compiled Hamming top-k against a brute-force sort and against faiss's counting top-k."""
+"""The scan's compiled kernels: the Hamming top-k against a brute-force sort and faiss's counting top-k, and the
+running top-k of score tiles and candidates against a stable sort."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import faiss
 import numpy as np
 import pytest
 
-from eval.kernels import TILE, doc_words, flat_above, hamming_top_k, query_words
+from eval.kernels import TILE, add_candidates, add_products, doc_words, hamming_top_k, query_words, sorted_best
 
 
 def brute_force(queries: np.ndarray, docs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -42,11 +43,66 @@ def test_hamming_top_k_orders_as_faiss_counting_top_k():
     np.testing.assert_array_equal(rows, faiss_rows)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("width", [2048, 2001, 5])
-def test_flat_above_equals_numpy(dtype, width):
+def running_top_k(tiles: list[tuple], queries: int, k: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Feed ``(products, query_norms, doc_norms, scale)`` tiles of consecutive rows through ``add_products``."""
+    state = (np.empty((queries, 2 * k + width)), np.empty((queries, 2 * k + width), np.int64))
+    filled, threshold = np.zeros(queries, np.int64), np.full(queries, -np.inf)
+    first_row = 0
+    for products, query_norms, doc_norms, scale in tiles:
+        add_products(products, query_norms, doc_norms, scale, first_row, 2.0**-18, *state, filled, threshold, k)
+        first_row += products.shape[1]
+    return sorted_best(*state, filled, k)
+
+
+def stable_top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of each row, best first, ties by column (a stable sort)."""
+    rows = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, rows, axis=1), rows
+
+
+@pytest.mark.parametrize(("width", "docs", "k"), [(256, 2000, 100), (300, 1000, 40), (64, 50, 80)])
+def test_running_top_k_of_float_tiles_is_the_stable_top_k(width, docs, k):
+    """Scores rounded to a few values (most of the k best are ties), many tiles, a partial one, k > docs."""
     rng = np.random.default_rng(width)
-    scores = rng.standard_normal((33, width)).astype(dtype)
-    cut = rng.uniform(0.5, 3.0, 33).astype(dtype)
-    cut[0] = np.inf  # a query with nothing above its cut
-    np.testing.assert_array_equal(flat_above(scores, cut), np.flatnonzero(scores > cut[:, None]))
+    scores = np.round(rng.standard_normal((23, docs)), 1).astype(np.float32)
+    queries = np.ones(23, np.float32)
+    tiles = [
+        (scores[:, i : i + width], queries, np.ones(min(width, docs - i), np.float32), 1.0)
+        for i in range(0, docs, width)
+    ]
+    got_scores, got_rows = running_top_k(tiles, 23, min(k, docs), width)
+    expected_scores, expected_rows = stable_top_k(scores.astype(np.float64), min(k, docs))
+    np.testing.assert_array_equal(got_scores, expected_scores)
+    np.testing.assert_array_equal(got_rows, expected_rows)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_running_top_k_scores_products_as_code_scores_does(dtype):
+    """Integer products over varied norms: the exact ``inner * scale / max(|q| |d|, 1e-12)`` of ``code_scores``
+    (float32 norm products), chosen through the float64 estimate; ties (equal products and norms) by row."""
+    rng = np.random.default_rng(1)
+    products = rng.integers(-40, 40, (19, 1500)).astype(dtype)
+    query_norms = rng.choice([3.0, 5.5, 7.25], 19).astype(np.float32)
+    doc_norms = rng.choice([4.0, 6.5, 9.75], 1500).astype(np.float32)
+    scale = 2.0**-2
+    exact = products.astype(np.float64) * scale / np.maximum(np.outer(query_norms, doc_norms), np.float32(1e-12))
+    tiles = [(products[:, i : i + 256], query_norms, doc_norms[i : i + 256], scale) for i in range(0, 1500, 256)]
+    got_scores, got_rows = running_top_k(tiles, 19, 60, 256)
+    expected_scores, expected_rows = stable_top_k(exact, 60)
+    np.testing.assert_array_equal(got_scores, expected_scores)
+    np.testing.assert_array_equal(got_rows, expected_rows)
+
+
+def test_running_top_k_merges_candidates_of_explicit_rows():
+    """Blocks of (score, row) candidates, as the Hamming top-k hands them over: the stable top-k of all."""
+    rng = np.random.default_rng(2)
+    scores = np.round(rng.standard_normal((11, 900)), 1)
+    state = (np.empty((11, 3 * 50)), np.empty((11, 3 * 50), np.int64))
+    filled, threshold = np.zeros(11, np.int64), np.full(11, -np.inf)
+    for start in range(0, 900, 50):
+        block_scores, block_rows = stable_top_k(scores[:, start : start + 50], 50)
+        add_candidates(block_scores, block_rows + start, *state, filled, threshold, 50)
+    got_scores, got_rows = sorted_best(*state, filled, 50)
+    expected_scores, expected_rows = stable_top_k(scores, 50)
+    np.testing.assert_array_equal(got_scores, expected_scores)
+    np.testing.assert_array_equal(got_rows, expected_rows)
