@@ -49,8 +49,8 @@ MARGIN = 2.0**-18  # relative: the float32 estimate of a score is within a few 2
 class RunningTopK:
     """The ``k`` best (score, row) of each of ``queries`` queries over chunks of documents, ties by arrival.
 
-    The upkeep is compiled (``eval.kernels``): each query keeps up to ``k + width`` entries and its k-th score
-    as a threshold; a tile of at most ``width`` documents is compared with the thresholds in one pass while it
+    The upkeep is compiled (``eval.kernels``): each query keeps up to ``2 k + width`` entries (16 bytes each)
+    and its k-th score as a threshold; a tile of at most ``width`` documents is compared with the thresholds in one pass while it
     is in cache, only the documents above them are kept, and a query's entries are cut back to its ``k`` best
     when the next tile might not fit.
     """
