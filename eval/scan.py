@@ -50,9 +50,9 @@ class RunningTopK:
     """The ``k`` best (score, row) of each of ``queries`` queries over chunks of documents, ties by arrival.
 
     The upkeep is compiled (``eval.kernels``): each query keeps up to ``2 k + width`` entries (16 bytes each)
-    and its k-th score as a threshold; a tile of at most ``width`` documents is compared with the thresholds in one pass while it
-    is in cache, only the documents above them are kept, and a query's entries are cut back to its ``k`` best
-    when the next tile might not fit.
+    and its k-th score as a threshold; a tile of at most ``width`` documents is compared with the thresholds in
+    one pass while it is in cache, only the documents above them are kept, and a query's entries are cut back
+    to its ``k`` best when the next tile might not fit.
     """
 
     def __init__(self, queries: int, k: int, width: int) -> None:
