@@ -149,6 +149,15 @@ def _keep_best_scores(scores: np.ndarray, rows: np.ndarray, filled: int, k: int)
     return kept, threshold
 
 
+@numba.njit(cache=True)
+def _make_room(
+    kept_scores: np.ndarray, kept_rows: np.ndarray, filled: np.ndarray, threshold: np.ndarray, q: int, n: int, k: int
+) -> None:
+    """Cut query ``q``'s entries back to its ``k`` best (raising its threshold) if ``n`` more might not fit."""
+    if filled[q] + n > kept_scores.shape[1]:
+        filled[q], threshold[q] = _keep_best_scores(kept_scores[q], kept_rows[q], filled[q], k)
+
+
 @numba.njit(parallel=True, cache=True)
 def add_products(
     products: np.ndarray,
@@ -175,13 +184,11 @@ def add_products(
     when the next tile might not fit, which also raises ``threshold``.
     """
     n_queries, n = products.shape
-    capacity = kept_scores.shape[1]
     doc_inverse = (1.0 / doc_norms).astype(np.float32)
     for block in numba.prange((n_queries + QUERY_BLOCK - 1) // QUERY_BLOCK):
         marks = np.zeros(n + (-n % 8), np.uint8)
         for q in range(block * QUERY_BLOCK, min(n_queries, (block + 1) * QUERY_BLOCK)):
-            if filled[q] + n > capacity:
-                filled[q], threshold[q] = _keep_best_scores(kept_scores[q], kept_rows[q], filled[q], k)
+            _make_room(kept_scores, kept_rows, filled, threshold, q, n, k)
             limit = threshold[q]
             cut = limit - margin * abs(limit) if limit > -np.inf else -np.inf
             estimate_cut = np.float32(cut * np.float64(query_norms[q]) / scale)  # in units of products / |d|
@@ -213,10 +220,8 @@ def add_candidates(
     """Merge candidates (scores, rows), each (Q, n) in arrival order, into each query's running ``k`` best (the
     state of ``add_products``), in place."""
     n_queries, n = scores.shape
-    capacity = kept_scores.shape[1]
     for q in numba.prange(n_queries):
-        if filled[q] + n > capacity:
-            filled[q], threshold[q] = _keep_best_scores(kept_scores[q], kept_rows[q], filled[q], k)
+        _make_room(kept_scores, kept_rows, filled, threshold, q, n, k)
         f = filled[q]
         for i in range(n):
             if scores[q, i] > threshold[q]:
