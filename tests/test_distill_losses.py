@@ -99,6 +99,22 @@ def test_term_components_and_weights() -> None:
     assert losses["rel/L2-D8"].item() == pytest.approx(2.0 / 2 * relative_similarity_loss(student_small, teacher, 0.1))
 
 
+def test_layers_limit_the_term_to_their_cells_and_codes() -> None:
+    cells = {Cell(2, 8): 8, Cell(4, 16): 16}
+    batch = make_batch(5, cells, teacher_dim=16)
+    batch.codes = {
+        Cell(2, 8).with_bits(1): batch.embeddings[Cell(2, 8)],
+        Cell(4, 16).with_bits(1): batch.embeddings[Cell(4, 16)],
+    }
+    every = DistillationLoss(16, 16, similarity_weight=7.0, relative_weight=2.0, margin=0.1)(batch)
+    early = DistillationLoss(16, 16, similarity_weight=7.0, relative_weight=2.0, margin=0.1, layers=(2,))(batch)
+    # no cosine term (the full cell is at layer 4) and no component of a layer-4 cell or code
+    assert set(early) == {"sim/L2-D8", "sim/L2-D8-B1", "rel/L2-D8", "rel/L2-D8-B1"}
+    # the means now run over the two layer-2 components instead of all four
+    assert early["sim/L2-D8"].item() == pytest.approx(2 * every["sim/L2-D8"].item())
+    assert early["rel/L2-D8-B1"].item() == pytest.approx(2 * every["rel/L2-D8-B1"].item())
+
+
 def test_term_is_zero_when_student_equals_teacher() -> None:
     teacher = F.normalize(torch.randn(6, 8), dim=-1)
     batch = CellBatch({Cell(3, 8): [teacher.clone()]}, [], Cell(3, 8), 5.0 * teacher.unsqueeze(1))

@@ -71,6 +71,15 @@ def test_overrides_reach_training_and_nested_keys(raw):
         (lambda r: r["training"].pop("output_dir"), r"training.output_dir: missing"),
         (lambda r: r.pop("model"), r"model: missing section"),
         (lambda r: r["model"].update(name="/nonexistent/model"), r"model.name: cannot read config.json"),
+        (
+            lambda r: r.update(distill={"teacher": "self", "layers": [1, 9]}),
+            r"distill.layers: \[1, 9\] is not valid; the model has layers 1..4",
+        ),
+        (
+            lambda r: r.update(distill={"teacher": "self", "layers": []}),
+            r"distill.layers: \[\] is not valid; give a non-empty list of layer exits",
+        ),
+        (lambda r: r.update(distill={"teacher": "self", "layers": [0]}), r"distill.layers: \[0\] is not valid"),
     ],
 )
 def test_bad_recipes_name_key_value_and_valid_values(raw, edit, message):

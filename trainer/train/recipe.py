@@ -319,7 +319,9 @@ class DistillConfig:
     teacher's default prompt, if its config names one. ``relative_max_pairs`` bounds the relative loss's
     pair list (see ``relative_similarity_loss``). ``projection_lr`` is the learning rate of the randomly
     initialised projection to the teacher's width (when widths differ): it must fit the student quickly,
-    not the student fit a random projection.
+    not the student fit a random projection. ``layers`` lists the layer exits whose cells (and their codes)
+    are distilled; None distils every cell. The cosine term belongs to the full cell, so it applies only
+    when the last layer is listed.
     """
 
     teacher: str
@@ -334,6 +336,7 @@ class DistillConfig:
     trust_remote_code: bool = False
     relative_max_pairs: int | None = 2048
     projection_lr: float = 1e-3
+    layers: list[int] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.teacher, str) or not self.teacher.strip():
@@ -356,6 +359,16 @@ class DistillConfig:
             raise UserError(f"distill.cache_dir: {self.cache_dir!r} is not valid; give a folder path")
         if not isinstance(self.trust_remote_code, bool):
             raise UserError(f"distill.trust_remote_code: {self.trust_remote_code!r} is not valid; give true or false")
+        if self.layers is not None and (not self.layers or min(self.layers) < 1):
+            raise UserError(
+                f"distill.layers: {self.layers!r} is not valid; give a non-empty list of layer exits "
+                "(positive integers, e.g. [1, 2, 3]) or null for every layer"
+            )
+
+    def check_layers(self, num_layers: int) -> None:
+        """Every listed layer exit exists in a model of ``num_layers`` layers."""
+        if self.layers is not None and max(self.layers) > num_layers:
+            raise UserError(f"distill.layers: {self.layers} is not valid; the model has layers 1..{num_layers}")
 
     def teacher_name(self, student_model_id: str) -> str:
         """The model to load as teacher: ``student_model_id`` for ``"self"``, else ``teacher``."""
@@ -664,6 +677,8 @@ def parse_recipe(raw: dict[str, Any], path: str = "") -> Recipe:
     grid = loss.grid(num_layers, embedding_dim)
     if binary is not None:
         binary.check_dims([*grid.dims, embedding_dim])
+    if distill is not None:
+        distill.check_layers(num_layers)
     if evaluation is not None:
         check_evaluation(recipe, grid, num_layers, embedding_dim)
     return recipe

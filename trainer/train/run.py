@@ -129,6 +129,7 @@ def build_loss(recipe: Recipe, model: SentenceTransformer, grid: Grid, teacher_d
             distill.margin,
             distill.relative_max_pairs,
             config.gather_across_devices,
+            None if distill.layers is None else tuple(distill.layers),
         )
     if heads is None:
         return ElasticLoss(model, selection, terms, mini_batch_size=config.mini_batch_size)

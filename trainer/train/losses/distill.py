@@ -116,6 +116,10 @@ class DistillationLoss(nn.Module):
     teacher similarities. Components are named ``cos/<cell>``, ``sim/<cell>`` and ``rel/<cell>``, each scaled
     by its group's ``weight / n``. Defaults are the paper's 10 / 200 / 20 and margin 0.015.
 
+    ``layers``: the layer exits whose cells and codes are distilled (None: all). A teacher can be a good one
+    for shallow cells and a bad one for the last layer (BENCHMARKS.md §5); the cosine term, which belongs
+    to the full cell, applies only when the full cell's layer is listed.
+
     ``gather_across_devices``: in distributed training the in-batch similarities span the texts of every
     process (``trainer.train.losses.infonce.gather_rows``): the similarity loss compares this process's
     texts with all texts, the relative loss ranks pairs drawn from all texts; averaged over processes, both
@@ -139,6 +143,7 @@ class DistillationLoss(nn.Module):
         margin: float = 0.015,
         relative_max_pairs: int | None = 2048,
         gather_across_devices: bool = False,
+        layers: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
         self.student_dim, self.teacher_dim = student_dim, teacher_dim
@@ -149,6 +154,7 @@ class DistillationLoss(nn.Module):
         )
         self.margin, self.relative_max_pairs = margin, relative_max_pairs
         self.gather_across_devices = gather_across_devices
+        self.layers = None if layers is None else tuple(sorted(set(layers)))
         self.projection = TeacherProjection(student_dim, teacher_dim) if student_dim != teacher_dim else None
 
     def teacher_vectors(self, labels: Tensor | None, n_columns: int) -> Tensor:
@@ -164,18 +170,22 @@ class DistillationLoss(nn.Module):
             )
         return F.normalize(torch.cat(labels.unbind(dim=1)), dim=-1)
 
+    def distils(self, layers: int) -> bool:
+        """Whether the cells of layer exit ``layers`` are distilled."""
+        return self.layers is None or layers in self.layers
+
     def forward(self, batch: CellBatch) -> dict[str, Tensor]:
         full_columns = batch.embeddings[batch.full]
         if batch.full.dim != self.student_dim:
             raise ValueError(f"the full cell {batch.full.name2d} has dim {batch.full.dim}, not {self.student_dim}")
         teacher = self.teacher_vectors(batch.labels, len(full_columns)).to(full_columns[0].device)
         losses: dict[str, Tensor] = {}
-        if self.cosine_weight:
+        if self.cosine_weight and self.distils(batch.full.layers):
             student = torch.cat(full_columns)
             projected = self.projection(student) if self.projection is not None else student
             losses[f"cos/{batch.full.name2d}"] = self.cosine_weight * cosine_loss(projected, teacher)
-        cells = [(cell.name2d, columns) for cell, columns in batch.embeddings.items()]
-        cells += [(str(cell), columns) for cell, columns in batch.codes.items()]
+        cells = [(cell.name2d, columns) for cell, columns in batch.embeddings.items() if self.distils(cell.layers)]
+        cells += [(str(cell), columns) for cell, columns in batch.codes.items() if self.distils(cell.layers)]
         all_teacher = gather_rows(teacher)[0] if self.gather_across_devices else teacher
         similarity, relative = {}, {}
         for name, columns in cells:
@@ -202,6 +212,7 @@ class DistillationLoss(nn.Module):
             "margin": self.margin,
             "relative_max_pairs": self.relative_max_pairs,
             "gather_across_devices": self.gather_across_devices,
+            "layers": None if self.layers is None else list(self.layers),
         }
 
     def save_pretrained(self, directory: str | Path) -> None:
