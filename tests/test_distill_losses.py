@@ -110,6 +110,7 @@ def test_layers_limit_the_term_to_their_cells_and_codes() -> None:
     early = DistillationLoss(16, 16, similarity_weight=7.0, relative_weight=2.0, margin=0.1, layers=(2,))(batch)
     # no cosine term (the full cell is at layer 4) and no component of a layer-4 cell or code
     assert set(early) == {"sim/L2-D8", "sim/L2-D8-B1", "rel/L2-D8", "rel/L2-D8-B1"}
+    assert DistillationLoss(16, 32, cosine_weight=0.0).projection is None  # nothing would train it
     # the means now run over the two layer-2 components instead of all four
     assert early["sim/L2-D8"].item() == pytest.approx(2 * every["sim/L2-D8"].item())
     assert early["rel/L2-D8-B1"].item() == pytest.approx(2 * every["rel/L2-D8-B1"].item())

@@ -80,6 +80,12 @@ def test_overrides_reach_training_and_nested_keys(raw):
             r"distill.layers: \[\] is not valid; give a non-empty list of layer exits",
         ),
         (lambda r: r.update(distill={"teacher": "self", "layers": [0]}), r"distill.layers: \[0\] is not valid"),
+        (
+            lambda r: r.update(
+                distill={"teacher": "self", "layers": [1], "similarity_weight": 0, "relative_weight": 0}
+            ),
+            r"distill.layers: \[1\] leaves only the cosine term, which needs the last layer \(4\)",
+        ),
     ],
 )
 def test_bad_recipes_name_key_value_and_valid_values(raw, edit, message):

@@ -366,9 +366,18 @@ class DistillConfig:
             )
 
     def check_layers(self, num_layers: int) -> None:
-        """Every listed layer exit exists in a model of ``num_layers`` layers."""
+        """Every listed layer exit exists in a model of ``num_layers`` layers, and something is distilled."""
         if self.layers is not None and max(self.layers) > num_layers:
             raise UserError(f"distill.layers: {self.layers} is not valid; the model has layers 1..{num_layers}")
+        if (
+            self.layers is not None
+            and num_layers not in self.layers
+            and not (self.similarity_weight or self.relative_weight)
+        ):
+            raise UserError(
+                f"distill.layers: {self.layers} leaves only the cosine term, which needs the last layer "
+                f"({num_layers}); list it or set similarity_weight or relative_weight > 0"
+            )
 
     def teacher_name(self, student_model_id: str) -> str:
         """The model to load as teacher: ``student_model_id`` for ``"self"``, else ``teacher``."""

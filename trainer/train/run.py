@@ -120,10 +120,11 @@ def build_loss(recipe: Recipe, model: SentenceTransformer, grid: Grid, teacher_d
         )
     if recipe.distill is not None:
         distill, student_dim = recipe.distill, embedding_dim(model)
+        full_distilled = distill.layers is None or full.layers in distill.layers
         terms["distill"] = DistillationLoss(
             student_dim,
             teacher_dim,
-            distill.cosine_weight,
+            distill.cosine_weight if full_distilled else 0.0,  # no cosine term, so no projection to train
             distill.similarity_weight,
             distill.relative_weight,
             distill.margin,

@@ -107,14 +107,14 @@ def relative_similarity_loss(student: Tensor, teacher: Tensor, margin: float, ma
 class DistillationLoss(nn.Module):
     """Jasper/Stella distillation term of ``ElasticLoss``: cosine at the full cell, similarity and relative at all.
 
-    ``batch.labels`` holds the teacher embeddings of every text column, shape (N, n_columns, teacher_dim)
-    (or (N, teacher_dim) for one column); the texts of all columns form one in-batch similarity matrix.
-    The full cell's student vectors go through a learned ``nn.Linear(student_dim, teacher_dim)`` before the
-    cosine loss when the widths differ (identity otherwise); save it with ``save_pretrained`` on every
-    checkpoint and restore it with ``load_state``. With binarization heads the similarity and relative
-    losses also apply to every code in ``batch.codes`` (``sim/L4-D128-B1``), against the same full-size
-    teacher similarities. Components are named ``cos/<cell>``, ``sim/<cell>`` and ``rel/<cell>``, each scaled
-    by its group's ``weight / n``. Defaults are the paper's 10 / 200 / 20 and margin 0.015.
+    ``batch.labels`` holds the teacher embeddings of every text column, shape (N, n_columns, teacher_dim) (or (N,
+    teacher_dim) for one column); the texts of all columns form one in-batch similarity matrix. The full cell's student
+    vectors go through a learned ``nn.Linear(student_dim, teacher_dim)`` before the cosine loss when the widths differ
+    (identity otherwise; none without a cosine term); save it with ``save_pretrained`` on every checkpoint and restore
+    it with ``load_state``. With binarization heads the similarity and relative losses also apply to every code in
+    ``batch.codes`` (``sim/L4-D128-B1``), against the same full-size teacher similarities. Components are named
+    ``cos/<cell>``, ``sim/<cell>`` and ``rel/<cell>``, each scaled by its group's ``weight / n``. Defaults are the
+    paper's 10 / 200 / 20 and margin 0.015.
 
     ``layers``: the layer exits whose cells and codes are distilled (None: all). A teacher can be a good one
     for shallow cells and a bad one for the last layer (BENCHMARKS.md §5); the cosine term, which belongs
@@ -155,7 +155,8 @@ class DistillationLoss(nn.Module):
         self.margin, self.relative_max_pairs = margin, relative_max_pairs
         self.gather_across_devices = gather_across_devices
         self.layers = None if layers is None else tuple(sorted(set(layers)))
-        self.projection = TeacherProjection(student_dim, teacher_dim) if student_dim != teacher_dim else None
+        needs_projection = student_dim != teacher_dim and cosine_weight > 0
+        self.projection = TeacherProjection(student_dim, teacher_dim) if needs_projection else None
 
     def teacher_vectors(self, labels: Tensor | None, n_columns: int) -> Tensor:
         """Unit teacher vectors of all texts, columns concatenated like the student's: (N * n_columns, teacher_dim)."""
