@@ -365,15 +365,17 @@ class DistillConfig:
                 "(positive integers, e.g. [1, 2, 3]) or null for every layer"
             )
 
+    def distils(self, layer: int) -> bool:
+        """Whether the cells of layer exit ``layer`` are distilled."""
+        return self.layers is None or layer in self.layers
+
     def check_layers(self, num_layers: int) -> None:
         """Every listed layer exit exists in a model of ``num_layers`` layers, and something is distilled."""
-        if self.layers is not None and max(self.layers) > num_layers:
+        if self.layers is None:
+            return
+        if max(self.layers) > num_layers:
             raise UserError(f"distill.layers: {self.layers} is not valid; the model has layers 1..{num_layers}")
-        if (
-            self.layers is not None
-            and num_layers not in self.layers
-            and not (self.similarity_weight or self.relative_weight)
-        ):
+        if not self.distils(num_layers) and not (self.similarity_weight or self.relative_weight):
             raise UserError(
                 f"distill.layers: {self.layers} leaves only the cosine term, which needs the last layer "
                 f"({num_layers}); list it or set similarity_weight or relative_weight > 0"

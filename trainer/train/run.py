@@ -120,17 +120,17 @@ def build_loss(recipe: Recipe, model: SentenceTransformer, grid: Grid, teacher_d
         )
     if recipe.distill is not None:
         distill, student_dim = recipe.distill, embedding_dim(model)
-        full_distilled = distill.layers is None or full.layers in distill.layers
         terms["distill"] = DistillationLoss(
             student_dim,
             teacher_dim,
-            distill.cosine_weight if full_distilled else 0.0,  # no cosine term, so no projection to train
+            # no cosine term without the full cell, so no projection to train
+            distill.cosine_weight if distill.distils(full.layers) else 0.0,
             distill.similarity_weight,
             distill.relative_weight,
             distill.margin,
             distill.relative_max_pairs,
             config.gather_across_devices,
-            None if distill.layers is None else tuple(distill.layers),
+            distill.layers,
         )
     if heads is None:
         return ElasticLoss(model, selection, terms, mini_batch_size=config.mini_batch_size)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,7 @@ class DistillationLoss(nn.Module):
         margin: float = 0.015,
         relative_max_pairs: int | None = 2048,
         gather_across_devices: bool = False,
-        layers: tuple[int, ...] | None = None,
+        layers: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.student_dim, self.teacher_dim = student_dim, teacher_dim
