@@ -3,6 +3,8 @@
 Both are the same idea: a running threshold per query, a vectorised pass that marks the few entries that can
 still enter the top k, and a scalar pass only over the marked bytes (eight marks are tested as one 64-bit
 word), so the cost per (query, document) is a few vector instructions and the upkeep is paid per candidate.
+Hamming distances take only ``bits + 1`` values, so that kernel keeps its candidates in one bucket per
+distance and lowers its threshold at every admission; scores keep a buffer cut back to the k best when full.
 """
 
 from __future__ import annotations
@@ -28,29 +30,6 @@ def _popcount(typingctx, word):  # noqa: ARG001 (numba's signature)
 
 
 @numba.njit(cache=True)
-def _keep_best(distances: np.ndarray, rows: np.ndarray, filled: int, k: int, bits: int) -> tuple[int, int]:
-    """Keep, in place and in arrival order, the ``k`` best of the first ``filled`` (distance, row) by distance,
-    ties by arrival; return how many are kept and the threshold ``t``: a later document enters only if its
-    distance is below ``t`` (it loses ties to every kept one)."""
-    counts = np.zeros(bits + 2, np.int64)
-    for i in range(filled):
-        counts[distances[i]] += 1
-    below, threshold = 0, 0
-    while below + counts[threshold] < k:
-        below += counts[threshold]
-        threshold += 1
-    ties = k - below
-    kept = 0
-    for i in range(filled):
-        d = distances[i]
-        if d < threshold or (d == threshold and ties > 0):
-            ties -= d == threshold
-            distances[kept], rows[kept] = d, rows[i]
-            kept += 1
-    return kept, threshold
-
-
-@numba.njit(cache=True)
 def _append_marked(marks: np.ndarray, n: int, base: int, out: np.ndarray, at: int) -> int:
     """Write ``base + j`` for each marked column ``j < n`` of ``marks`` (uint8, padded with unmarked entries
     to a multiple of 8) to ``out`` from ``at``, skipping eight unmarked entries at a time; return the new end."""
@@ -69,20 +48,25 @@ def _append_marked(marks: np.ndarray, n: int, base: int, out: np.ndarray, at: in
 def hamming_top_k(queries: np.ndarray, docs: np.ndarray, k: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact Hamming top-k: ``queries`` (Q, W) and ``docs`` transposed (W, N), codes as uint64 words (zero
     padded); returns (distances int32, rows int64), each (Q, min(k, N)), sorted by distance, ties by row, as
-    faiss's counting ``knn_hamming(..., "mc")`` orders them."""
+    faiss's counting ``knn_hamming(..., "mc")`` orders them.
+
+    Counting top-k: a distance is one of ``bits + 1`` values, so each query keeps one bucket of rows per
+    distance, filled in arrival (row) order, and its threshold ``t`` is the k-th smallest distance so far
+    (``bits + 1`` until ``k`` are kept). A document enters only if its distance is below ``t`` (it loses ties
+    to every kept one), so no bucket ever holds more than ``k`` rows, and ``t`` falls as soon as the buckets
+    below it hold ``k`` rows: no compaction, and every admission is one write."""
     n_queries, words = queries.shape
     n_docs = docs.shape[1]
     k = min(k, n_docs)
-    capacity = 2 * k + TILE
     out_distances = np.empty((n_queries, k), np.int32)
     out_rows = np.empty((n_queries, k), np.int64)
     for block in numba.prange((n_queries + QUERY_BLOCK - 1) // QUERY_BLOCK):
         first = block * QUERY_BLOCK
         size = min(QUERY_BLOCK, n_queries - first)
-        kept_distances = np.empty((size, capacity), np.int32)
-        kept_rows = np.empty((size, capacity), np.int64)
-        filled = np.zeros(size, np.int64)
-        threshold = np.full(size, bits + 1, np.int32)
+        buckets = np.empty((size, bits + 1, k), np.int64)  # only the buckets below the thresholds are touched
+        counts = np.zeros((size, bits + 2), np.int64)
+        threshold = np.full(size, bits + 1, np.int64)
+        kept = np.zeros(size, np.int64)  # rows kept at distances <= threshold
         distance = np.zeros(TILE, np.int32)
         marks = np.zeros(TILE, np.uint8)
         for start in range(0, n_docs, TILE):
@@ -94,27 +78,30 @@ def hamming_top_k(queries: np.ndarray, docs: np.ndarray, k: int, bits: int) -> t
                     tile = docs[w, start : start + m]
                     for j in range(m):
                         distance[j] += np.int32(_popcount(word ^ tile[j]))
-                limit = threshold[i]
+                t, n = threshold[i], kept[i]
                 for j in range(m):
-                    marks[j] = distance[j] < limit
+                    marks[j] = distance[j] < t
                 marks[m:] = 0
-                f = _append_marked(marks, m, start, kept_rows[i], filled[i])
-                for x in range(filled[i], f):
-                    kept_distances[i, x] = distance[kept_rows[i, x] - start]
-                filled[i] = f
-                if f > capacity - TILE:
-                    filled[i], threshold[i] = _keep_best(kept_distances[i], kept_rows[i], f, k, bits)
+                marked_words = marks.view(np.uint64)
+                for g in range((m + 7) // 8):  # eight unmarked documents skipped at a time
+                    if marked_words[g] == 0:
+                        continue
+                    for j in range(8 * g, 8 * g + 8):
+                        d = distance[j]
+                        if marks[j] and d < t:  # t may have fallen since the marks were made
+                            buckets[i, d, counts[i, d]] = start + j
+                            counts[i, d] += 1
+                            n += 1
+                            while n - counts[i, t] >= k:
+                                n -= counts[i, t]
+                                t -= 1
+                threshold[i], kept[i] = t, n
         for i in range(size):
-            kept, _ = _keep_best(kept_distances[i], kept_rows[i], filled[i], k, bits)
-            slot = np.zeros(bits + 2, np.int64)  # counting sort by distance, stable in row order
-            for x in range(kept):
-                slot[kept_distances[i, x] + 1] += 1
-            for d in range(1, bits + 2):
-                slot[d] += slot[d - 1]
-            for x in range(kept):
-                d = kept_distances[i, x]
-                out_distances[first + i, slot[d]], out_rows[first + i, slot[d]] = d, kept_rows[i, x]
-                slot[d] += 1
+            x = 0
+            for d in range(bits + 1):
+                for c in range(min(counts[i, d], k - x)):
+                    out_distances[first + i, x], out_rows[first + i, x] = d, buckets[i, d, c]
+                    x += 1
     return out_distances, out_rows
 
 
