@@ -3,8 +3,8 @@
 Both are the same idea: a running threshold per query, a vectorised pass that marks the few entries that can
 still enter the top k, and a scalar pass only over the marked bytes (eight marks are tested as one 64-bit
 word), so the cost per (query, document) is a few vector instructions and the upkeep is paid per candidate.
-Hamming distances take only ``bits + 1`` values, so that kernel keeps its candidates in one bucket per
-distance and lowers its threshold at every admission; scores keep a buffer cut back to the k best when full.
+Hamming distances take only ``bits + 1`` values, so that kernel counts its candidates per distance and lowers
+its threshold at every admission; scores keep a buffer cut back to the k best (a partition) when full.
 """
 
 from __future__ import annotations
@@ -50,23 +50,26 @@ def hamming_top_k(queries: np.ndarray, docs: np.ndarray, k: int, bits: int) -> t
     padded); returns (distances int32, rows int64), each (Q, min(k, N)), sorted by distance, ties by row, as
     faiss's counting ``knn_hamming(..., "mc")`` orders them.
 
-    Counting top-k: a distance is one of ``bits + 1`` values, so each query keeps one bucket of rows per
-    distance, filled in arrival (row) order, and its threshold ``t`` is the k-th smallest distance so far
-    (``bits + 1`` until ``k`` are kept). A document enters only if its distance is below ``t`` (it loses ties
-    to every kept one), so no bucket ever holds more than ``k`` rows, and ``t`` falls as soon as the buckets
-    below it hold ``k`` rows: no compaction, and every admission is one write."""
+    A distance is one of ``bits + 1`` values, so each query counts its kept entries per distance and keeps its
+    threshold ``t`` at the k-th smallest distance so far (``bits + 1`` until ``k`` are kept), lowered at every
+    admission. A document enters only if its distance is below ``t`` (it loses ties to every kept one); the
+    entries, kept in arrival order, are cut back to those at distances ``<= t`` (fewer than ``2 k``) when the
+    next tile might not fit, and a counting sort by distance orders them at the end."""
     n_queries, words = queries.shape
     n_docs = docs.shape[1]
     k = min(k, n_docs)
+    capacity = 2 * k + TILE
     out_distances = np.empty((n_queries, k), np.int32)
     out_rows = np.empty((n_queries, k), np.int64)
     for block in numba.prange((n_queries + QUERY_BLOCK - 1) // QUERY_BLOCK):
         first = block * QUERY_BLOCK
         size = min(QUERY_BLOCK, n_queries - first)
-        buckets = np.empty((size, bits + 1, k), np.int64)  # only the buckets below the thresholds are touched
-        counts = np.zeros((size, bits + 2), np.int64)
+        kept_distances = np.empty((size, capacity), np.int32)
+        kept_rows = np.empty((size, capacity), np.int64)
+        filled = np.zeros(size, np.int64)
+        counts = np.zeros((size, bits + 2), np.int64)  # entries admitted at each distance
         threshold = np.full(size, bits + 1, np.int64)
-        kept = np.zeros(size, np.int64)  # rows kept at distances <= threshold
+        at_most = np.zeros(size, np.int64)  # entries admitted at distances <= threshold
         distance = np.zeros(TILE, np.int32)
         marks = np.zeros(TILE, np.uint8)
         for start in range(0, n_docs, TILE):
@@ -78,7 +81,13 @@ def hamming_top_k(queries: np.ndarray, docs: np.ndarray, k: int, bits: int) -> t
                     tile = docs[w, start : start + m]
                     for j in range(m):
                         distance[j] += np.int32(_popcount(word ^ tile[j]))
-                t, n = threshold[i], kept[i]
+                t, n, f = threshold[i], at_most[i], filled[i]
+                if f + m > capacity:  # keep the entries at distances <= t: n of them, n - counts[t] < k
+                    f = 0
+                    for x in range(filled[i]):
+                        if kept_distances[i, x] <= t:
+                            kept_distances[i, f], kept_rows[i, f] = kept_distances[i, x], kept_rows[i, x]
+                            f += 1
                 for j in range(m):
                     marks[j] = distance[j] < t
                 marks[m:] = 0
@@ -89,19 +98,25 @@ def hamming_top_k(queries: np.ndarray, docs: np.ndarray, k: int, bits: int) -> t
                     for j in range(8 * g, 8 * g + 8):
                         d = distance[j]
                         if marks[j] and d < t:  # t may have fallen since the marks were made
-                            buckets[i, d, counts[i, d]] = start + j
+                            kept_distances[i, f], kept_rows[i, f] = d, start + j
+                            f += 1
                             counts[i, d] += 1
                             n += 1
                             while n - counts[i, t] >= k:
                                 n -= counts[i, t]
                                 t -= 1
-                threshold[i], kept[i] = t, n
-        for i in range(size):
-            x = 0
-            for d in range(bits + 1):
-                for c in range(min(counts[i, d], k - x)):
-                    out_distances[first + i, x], out_rows[first + i, x] = d, buckets[i, d, c]
-                    x += 1
+                threshold[i], at_most[i], filled[i] = t, n, f
+        for i in range(size):  # counting sort by distance, stable in row order; the first k
+            slot = np.zeros(bits + 2, np.int64)
+            for x in range(filled[i]):
+                slot[kept_distances[i, x] + 1] += 1
+            for d in range(1, bits + 2):
+                slot[d] += slot[d - 1]
+            for x in range(filled[i]):
+                d = kept_distances[i, x]
+                if slot[d] < k:
+                    out_distances[first + i, slot[d]], out_rows[first + i, slot[d]] = d, kept_rows[i, x]
+                slot[d] += 1
     return out_distances, out_rows
 
 
