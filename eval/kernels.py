@@ -155,9 +155,11 @@ def _keep_best_scores(scores: np.ndarray, rows: np.ndarray, filled: int, k: int)
 def _make_room(
     kept_scores: np.ndarray, kept_rows: np.ndarray, filled: np.ndarray, threshold: np.ndarray, q: int, n: int, k: int
 ) -> None:
-    """Cut query ``q``'s entries back to its ``k`` best (raising its threshold) if ``n`` more might not fit."""
+    """Cut query ``q``'s entries back to its ``k`` best (raising its threshold, never below a floor it was given)
+    if ``n`` more might not fit."""
     if filled[q] + n > kept_scores.shape[1]:
-        filled[q], threshold[q] = _keep_best_scores(kept_scores[q], kept_rows[q], filled[q], k)
+        filled[q], kth = _keep_best_scores(kept_scores[q], kept_rows[q], filled[q], k)
+        threshold[q] = max(threshold[q], kth)
 
 
 @numba.njit(parallel=True, cache=True)

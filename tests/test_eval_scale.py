@@ -172,6 +172,50 @@ def test_float_top_k_equals_the_dense_product(tmp_path, monkeypatch, dtype, tile
     torch.testing.assert_close(scores, expected.values, rtol=1e-6, atol=1e-7)
 
 
+def test_float_top_k_from_a_sampled_floor_equals_the_dense_product(tmp_path, monkeypatch):
+    monkeypatch.setattr(eval.scan, "chunk_rows", lambda queries, row_floats: 700)
+    monkeypatch.setattr(eval.scan, "TILE_BYTES", 1)  # 256-row tiles
+    monkeypatch.setattr(eval.scan, "SAMPLE_ROWS", 256)  # a floor for stores of 2,048 documents and more
+    docs = unit(5000, 48, seed=11)
+    store = stored(tmp_path, "docs", docs)
+    cell = Cell(1, 32)
+    query = cell_vector({1: torch.from_numpy(unit(30, 48, seed=12))}, cell)
+    dense = query @ cell_vector({1: torch.from_numpy(docs)}, cell).T
+    expected = dense.topk(40, dim=1)
+    floor = eval.scan.sampled_floor(query, store, cell, k=40)
+    # about 2 k + 16 N / m = 392 documents lie above each floor: never fewer than the k best, never most of the store
+    above = (dense.numpy() > floor[:, None]).sum(axis=1)
+    assert above.min() > 40 and above.max() < 800
+    scans = []
+    real_scan = eval.scan._float_scan
+    monkeypatch.setattr(eval.scan, "_float_scan", lambda *a: scans.append(a[-1]) or real_scan(*a))
+    scores, rows = float_top_k(query, store, cell, k=40)
+    assert len(scans) == 1 and scans[0] is not None
+    assert torch.equal(rows, expected.indices)
+    torch.testing.assert_close(scores, expected.values, rtol=1e-6, atol=1e-7)
+
+
+def test_queries_whose_floor_was_guessed_too_high_are_searched_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(eval.scan, "chunk_rows", lambda queries, row_floats: 700)
+    monkeypatch.setattr(eval.scan, "SAMPLE_ROWS", 256)
+    docs = unit(5000, 48, seed=13)
+    query = torch.from_numpy(unit(4, 48, seed=14))
+    # the sampled rows of query 0 all score high, so its guessed floor lets in fewer than k documents
+    planted = eval.scan.sample_rows(len(docs))
+    near = query[0].numpy() + 0.3 * unit(len(planted), 48, seed=15)
+    docs[planted] = near / np.linalg.norm(near, axis=1, keepdims=True)
+    store = stored(tmp_path, "docs", docs)
+    cell = Cell(1, 48)
+    scans = []
+    real_scan = eval.scan._float_scan
+    monkeypatch.setattr(eval.scan, "_float_scan", lambda q, *a: scans.append(len(q)) or real_scan(q, *a))
+    scores, rows = float_top_k(query, store, cell, k=300)
+    assert scans == [4, 1]  # all queries from their floors, then query 0 again without one
+    expected = (query @ torch.from_numpy(docs).T).topk(300, dim=1)
+    assert torch.equal(rows, expected.indices)
+    torch.testing.assert_close(scores, expected.values, rtol=1e-6, atol=1e-7)
+
+
 def moved_heads(dim: int, bits: list[int]) -> BinaryHeads:
     """Heads moved away from their zero start (as training moves them), so code norms vary per document."""
     torch.manual_seed(0)
