@@ -46,6 +46,7 @@ HAMMING_ROWS = 1 << 18  # documents per Hamming top-k call: its k best are merge
 TILE_BYTES = 1 << 23  # one tile's (queries x documents) float32 scores: they stay in cache while compared
 MARGIN = 2.0**-18  # relative: the float32 estimate of a score is within a few 2^-24 of it
 SAMPLE_ROWS = 8192  # documents scored first to guess each query's floor (``sampled_floor``)
+SAMPLE_RUNS = 64  # runs of consecutive documents they are read in
 
 
 class RunningTopK:
@@ -150,24 +151,27 @@ def _float_scan(
     return sorted_best(best.scores, best.rows, best.filled, k)
 
 
-def sample_rows(rows: int) -> np.ndarray:
-    """``SAMPLE_ROWS`` evenly spaced rows of a store of ``rows`` documents."""
-    return np.linspace(0, rows - 1, SAMPLE_ROWS).astype(np.int64)
+def sample_runs(rows: int) -> list[tuple[int, int]]:
+    """``SAMPLE_RUNS`` runs (start, stop) of consecutive rows spread evenly over a store of ``rows`` documents,
+    ``SAMPLE_ROWS`` rows in all (runs, so that the sample is read with a few file reads)."""
+    run = SAMPLE_ROWS // SAMPLE_RUNS
+    return [(start, start + run) for start in np.linspace(0, rows - run, SAMPLE_RUNS).astype(int).tolist()]
 
 
 def sampled_floor(query: Tensor, store: EmbeddingStore, cell: Cell, k: int) -> np.ndarray | None:
     """Each query's guess of a score below its final k-th best: the ``r``-th best of its scores over
-    ``SAMPLE_ROWS`` = m evenly spaced documents of N, with ``r = 2 k m / N + 16``.
+    ``SAMPLE_ROWS`` = m documents of N spread evenly over the store (``sample_runs``), with ``r = 2 k m / N + 16``.
 
     About ``k m / N`` of the sample lie above the final k-th score, so the floor lets about ``2 k + 16 N / m``
     documents in per query, instead of the ``k ln(N / k)`` a threshold rising from -inf lets in; a floor above
     the k-th score needs more than ``r`` of them in the sample, many standard deviations away on any corpus
-    whose order does not follow the sample's stride (``float_top_k`` checks and searches such queries again).
+    whose order does not follow the sample's spacing (``float_top_k`` checks and searches such queries again).
     None (no floor) for stores under ``8 m`` documents.
     """
     if store.rows < 8 * SAMPLE_ROWS:
         return None
-    layer = torch.from_numpy(store.take(layer_name(cell.layers), sample_rows(store.rows)))
+    name = layer_name(cell.layers)
+    layer = torch.from_numpy(np.concatenate([store.read(name, *run) for run in sample_runs(store.rows)]))
     scores = (query @ cell_vector({cell.layers: layer}, cell.with_bits(32)).T).numpy()
     rank = min(SAMPLE_ROWS, 2 * k * SAMPLE_ROWS // store.rows + 16)
     return np.partition(scores, SAMPLE_ROWS - rank, axis=1)[:, SAMPLE_ROWS - rank].astype(np.float64)

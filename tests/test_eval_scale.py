@@ -201,7 +201,7 @@ def test_queries_whose_floor_was_guessed_too_high_are_searched_again(tmp_path, m
     docs = unit(5000, 48, seed=13)
     query = torch.from_numpy(unit(4, 48, seed=14))
     # the sampled rows of query 0 all score high, so its guessed floor lets in fewer than k documents
-    planted = eval.scan.sample_rows(len(docs))
+    planted = np.concatenate([np.arange(*run) for run in eval.scan.sample_runs(len(docs))])
     near = query[0].numpy() + 0.3 * unit(len(planted), 48, seed=15)
     docs[planted] = near / np.linalg.norm(near, axis=1, keepdims=True)
     store = stored(tmp_path, "docs", docs)
