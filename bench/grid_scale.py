@@ -8,7 +8,7 @@ for 60 cells: layers 1, 2, 4, 6 x dims 32, 64, 128, 256, 384 x {B32, B1, B2} (si
 Per cell: seconds; GB/s scanned = queries x documents x bytes per vector / seconds (the definition of
 BENCHMARKS.md section 3: float32 cells 4 bytes per dim, codes bits / 8); for matrix-product cells (B32, B2)
 GFLOP/s and their share of the machine's matrix-multiply throughput measured in the same run on the same shapes
-((queries x d) @ (d x chunk) float32, as one product or in the scan's cache-sized tiles, whichever is faster:
+((queries x d) @ (d x 65,536) float32, as one product or in the scan's cache-sized chunks, whichever is faster:
 ``matmul GFLOP/s``); peak resident memory of the process during the cell (``VmHWM``, reset before each cell;
 the store is read with file reads, never mapped, so it is not in it). Before timing, one cell per bit depth is
 scored on a small store, so the kernels' one-time compilation (numba) is not timed, and every layer of the store
@@ -39,13 +39,14 @@ import torch
 from bench.common import markdown, write_result
 from eval.embeddings import TaskEmbeddings
 from eval.runner import cell_meta
-from eval.scan import chunk_rows, code_top_k, float_top_k, layer_chunks, tile_rows
+from eval.scan import chunk_rows, code_top_k, float_top_k, layer_chunks
 from eval.search import CellSearch
 from trainer.cell_vectors import cell_codes, cell_vector, layer_name
 from trainer.grid import Cell, Grid
 from trainer.store import EmbeddingStore, StoreWriter
 
 LAYERS, WIDTH = 6, 384  # all-MiniLM-L6-v2
+REFERENCE_ROWS = 65536  # documents of the reference matrix products
 
 
 def peak_mib(reset: bool = False) -> float:
@@ -136,10 +137,10 @@ def one_size(docs: int, queries: int, grid: Grid, k: int, workdir: Path) -> list
     warm_up = synthetic_store(workdir / "warm-up", 4096)
     for bits in grid.bits:
         score(Cell(1, grid.dims[0], bits), query_layers[1], warm_up, k)
-    chunk, tile = chunk_rows(queries, WIDTH), tile_rows(queries)
-    # the faster of one product per chunk and the scan's cache-sized tiles: the throughput the scan could reach
+    chunk = chunk_rows(queries, WIDTH)
+    # the faster of one product and the scan's cache-sized chunks: the throughput the scan could reach
     reference = {
-        dim: max(matmul_gflops(queries, dim, chunk), matmul_gflops(queries, dim, chunk, tile))
+        dim: max(matmul_gflops(queries, dim, REFERENCE_ROWS), matmul_gflops(queries, dim, REFERENCE_ROWS, chunk))
         for dim in sorted(set(grid.dims))
     }
     # every layer read once from disk, chunk by chunk as the scan reads it, so the page cache holds the store

@@ -1,16 +1,16 @@
 """Exact top-k search of one cell over a document store, chunk by chunk, never holding queries x documents.
 
 ``RunningTopK`` keeps the ``k`` best (score, row) of every query. Once a query holds ``k`` documents, its k-th
-score is a threshold: a chunk is scored one cache-sized tile (``TILE_BYTES``) at a time, each tile compared
-with the thresholds in one compiled pass while it is in cache (``eval.kernels.add_products``), and only the
-documents above them are kept, so memory
-is bounded by one chunk (``BLOCK_BYTES``) whatever the corpus size, and the cost is the kernel's plus the
+score is a threshold: documents are read and scored in cache-sized chunks (``chunk_rows``), each chunk's
+scores compared with the thresholds in one compiled pass while they are in cache
+(``eval.kernels.add_products``), and only the documents above them are kept, so memory is bounded by one chunk
+whatever the corpus size, and the cost is the kernel's plus the
 upkeep of the ``k`` best (with mteb's k = 1000, about ``k ln(N / k)`` insertions per query over N documents;
 float cells of large stores start from a floor guessed on a sample, which lets in about ``2 k`` instead).
-Documents are read from the store with file reads (``EmbeddingStore.read``) and turned into the cell's vectors
+Documents are read from the store with file reads (``EmbeddingStore.chunks``) and turned into the cell's vectors
 or codes by the one definition of a cell (``trainer.cell_vectors``). Kernels:
 
-- **float cells**: ``q @ x.T`` of the unit prefixes, a float32 matrix product per tile, exactly the in-memory
+- **float cells**: ``q @ x.T`` of the unit prefixes, a float32 matrix product per chunk, exactly the in-memory
   cosine;
 - **1-bit cells**: exact Hamming top-k by a compiled popcount kernel (``eval.kernels.hamming_top_k``: a
   running threshold per query, so only the few documents that can still enter the k best are kept; 2-4x
@@ -18,7 +18,7 @@ or codes by the one definition of a cell (``trainer.cell_vectors``). Kernels:
   (``trainer.binary.codes.code_scores``) of 1-bit codes is ``(m - 2 H) / (|e_q| |e_d|)`` with equal norms, so
   Hamming order is score order, and the returned scores are computed exactly as ``code_scores`` computes them;
 - **multi-bit cells**: the float form scaled to integers, ``2^(B-1) e = sum_i 2^(B-1-i) b_i`` (odd integers),
-  multiplied as a float32 matrix product per tile, which is exact while ``m (2^B - 1)^2 < 2^24`` (float64 beyond).
+  multiplied as a float32 matrix product per chunk, which is exact while ``m (2^B - 1)^2 < 2^24`` (float64 beyond).
   Candidates are chosen by a float32 estimate of the cosine with a relative rounding margin, then scored exactly
   as ``code_scores`` does (float64 inner product divided by the float32 product of the norms), so the ranking
   is code_scores' ranking.
@@ -41,9 +41,9 @@ from trainer.cell_vectors import cell_vector, layer_codes, layer_name
 from trainer.grid import Cell
 from trainer.store import EmbeddingStore
 
-BLOCK_BYTES = 1 << 28  # one chunk's (queries x documents) float32 scores, and its documents' working arrays
+CHUNK_BYTES = 1 << 23  # one chunk's documents as working floats: they stay in cache
 HAMMING_ROWS = 1 << 18  # documents per Hamming top-k call: its k best are merged into the running ones
-TILE_BYTES = 1 << 23  # one tile's (queries x documents) float32 scores: they stay in cache while compared
+TILE_BYTES = 1 << 23  # one chunk's (queries x documents) float32 scores: they stay in cache while compared
 MARGIN = 2.0**-18  # relative: the float32 estimate of a score is within a few 2^-24 of it
 SAMPLE_ROWS = 8192  # documents scored first to guess each query's floor (``sampled_floor``)
 SAMPLE_RUNS = 64  # runs of consecutive documents they are read in
@@ -53,9 +53,9 @@ class RunningTopK:
     """The ``k`` best (score, row) of each of ``queries`` queries over chunks of documents, ties by arrival.
 
     The upkeep is compiled (``eval.kernels``): each query keeps up to ``2 k + width`` entries (16 bytes each)
-    and its k-th score (or the floor it was given, whichever is higher) as a threshold; a tile of at most
+    and its k-th score (or the floor it was given, whichever is higher) as a threshold; a chunk of at most
     ``width`` documents is compared with the thresholds in one pass while it is in cache, only the documents
-    above them are kept, and a query's entries are cut back to its ``k`` best when the next tile might not fit.
+    above them are kept, and a query's entries are cut back to its ``k`` best when the next chunk might not fit.
     """
 
     def __init__(self, queries: int, k: int, width: int, floor: np.ndarray | None = None) -> None:
@@ -73,7 +73,7 @@ class RunningTopK:
         doc_norms: np.ndarray | None = None,
         scale: float = 1.0,
     ) -> None:
-        """A (queries, n) tile of documents ``first_row...``: scores ``products * scale / (|q| |d|)``, with
+        """A (queries, n) chunk of documents ``first_row...``: scores ``products * scale / (|q| |d|)``, with
         ``code_scores``' rounding (``eval.kernels.add_products``); without norms, the products themselves."""
         queries, n = products.shape
         query_norms = np.ones(queries, np.float32) if query_norms is None else query_norms
@@ -92,15 +92,17 @@ class RunningTopK:
 
 
 def chunk_rows(queries: int, row_floats: int) -> int:
-    """Documents per chunk: (queries x chunk) scores and (chunk x row_floats) working floats within a block."""
-    return max(1024, BLOCK_BYTES // (4 * max(queries, row_floats)))
+    """Documents per chunk, at least 256: (queries x chunk) float32 scores within ``TILE_BYTES`` and (chunk x
+    row_floats) working floats within ``CHUNK_BYTES``, so that a chunk is read, turned into the cell's vectors
+    or codes, scored and compared while it is in cache (BENCHMARKS.md section 3: a third faster than reading
+    256 MiB chunks and scoring them in cache-sized tiles)."""
+    return max(256, min(TILE_BYTES // (4 * queries), CHUNK_BYTES // (4 * row_floats)))
 
 
 def layer_chunks(store: EmbeddingStore, layers: int, rows_per_chunk: int) -> Iterator[tuple[int, Tensor]]:
     """(first row, the layer's stored embeddings) of consecutive document chunks."""
-    name = layer_name(layers)
-    for start in range(0, store.rows, rows_per_chunk):
-        yield start, torch.from_numpy(store.read(name, start, min(start + rows_per_chunk, store.rows)))
+    for start, rows in store.chunks(layer_name(layers), rows_per_chunk):
+        yield start, torch.from_numpy(rows)
 
 
 def doc_vectors(store: EmbeddingStore, cell: Cell, rows_per_chunk: int) -> Iterator[tuple[int, Tensor]]:
@@ -143,11 +145,10 @@ def float_top_k(query: Tensor, store: EmbeddingStore, cell: Cell, k: int) -> tup
 def _float_scan(
     query: Tensor, store: EmbeddingStore, cell: Cell, k: int, floor: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    tile = tile_rows(len(query))
-    best = RunningTopK(len(query), k, tile, floor)
-    for start, docs in doc_vectors(store, cell, chunk_rows(len(query), store.dims[layer_name(cell.layers)])):
-        for first in range(0, len(docs), tile):
-            best.add_products(query @ docs[first : first + tile].T, start + first)
+    rows_per_chunk = chunk_rows(len(query), store.dims[layer_name(cell.layers)])
+    best = RunningTopK(len(query), k, rows_per_chunk, floor)
+    for start, docs in doc_vectors(store, cell, rows_per_chunk):
+        best.add_products(query @ docs.T, start)
     return sorted_best(best.scores, best.rows, best.filled, k)
 
 
@@ -177,11 +178,6 @@ def sampled_floor(query: Tensor, store: EmbeddingStore, cell: Cell, k: int) -> n
     return np.partition(scores, SAMPLE_ROWS - rank, axis=1)[:, SAMPLE_ROWS - rank].astype(np.float64)
 
 
-def tile_rows(queries: int) -> int:
-    """Documents per tile: (queries x tile) float32 scores within ``TILE_BYTES``, at least 256."""
-    return max(256, TILE_BYTES // (4 * queries))
-
-
 def integer_forms(codes: PackedCodes, dtype: torch.dtype) -> Tensor:
     """``2^(B-1) e = sum_i 2^(B-1-i) b_i`` (N, dim): the codes' float forms scaled to odd integers."""
     planes = torch.from_numpy(codes.unpack()).to(dtype) * 2 - 1
@@ -196,7 +192,7 @@ def code_top_k(
     store_dim = store.dims[layer_name(cell.layers)]
     if cell.bits == 1:
         best = RunningTopK(len(query), k, k)
-        rows_per_read = chunk_rows(0, store_dim + 2 * cell.dim)
+        rows_per_read = chunk_rows(len(query), store_dim + 2 * cell.dim)
         queries = query_words(query.packed[:, 0])
         for start, docs in doc_codes(store, cell, heads, rows_per_read, HAMMING_ROWS):
             hamming, rows = hamming_top_k(queries, doc_words(docs.packed[:, 0]), k, cell.dim)
@@ -206,12 +202,8 @@ def code_top_k(
         return best.best(torch.float64)
     dtype = torch.float32 if cell.dim * (2**cell.bits - 1) ** 2 < 2**24 else torch.float64  # exact products
     query_forms, scale = integer_forms(query, dtype), 2.0 ** (2 - 2 * cell.bits)
-    tile = tile_rows(len(query))
-    best = RunningTopK(len(query), k, tile)
     rows_per_chunk = chunk_rows(len(query), store_dim + 2 * cell.bits * cell.dim)
+    best = RunningTopK(len(query), k, rows_per_chunk)
     for start, docs in doc_codes(store, cell, heads, rows_per_chunk, rows_per_chunk):
-        forms = integer_forms(docs, dtype)
-        for first in range(0, len(docs), tile):
-            inner = query_forms @ forms[first : first + tile].T
-            best.add_products(inner, start + first, query.norms, docs.norms[first : first + tile], scale)
+        best.add_products(query_forms @ integer_forms(docs, dtype).T, start, query.norms, docs.norms, scale)
     return best.best(torch.float64)

@@ -258,8 +258,14 @@ def test_scan_reads_the_documents_once_in_bounded_chunks(tmp_path, monkeypatch):
     monkeypatch.setattr(eval.scan, "chunk_rows", lambda queries, row_floats: 256)
     store = stored(tmp_path, "docs", unit(3000, 32, seed=5))
     reads: list[tuple[int, int]] = []
-    real_read = EmbeddingStore.read
-    monkeypatch.setattr(EmbeddingStore, "read", lambda self, n, a, b: reads.append((a, b)) or real_read(self, n, a, b))
+    real_chunks = EmbeddingStore.chunks
+
+    def chunks(self, name, rows_per_chunk):
+        for start, rows in real_chunks(self, name, rows_per_chunk):
+            reads.append((start, start + len(rows)))
+            yield start, rows
+
+    monkeypatch.setattr(EmbeddingStore, "chunks", chunks)
     tiles: list[tuple[int, int]] = []
     real_add = eval.scan.RunningTopK.add_products
 

@@ -50,6 +50,9 @@ def test_build_then_reuse_without_encoding(tmp_path, caplog) -> None:
     assert store.rows == 23 and store.dims == {"a": 8, "b": 16, "pid": 1}
     np.testing.assert_array_equal(store.array("b"), expected()["b"])
     np.testing.assert_array_equal(store.read("a", 4, 11), expected()["a"][4:11])
+    chunks = list(store.chunks("b", 10))
+    assert [start for start, _ in chunks] == [0, 10, 20] and [len(rows) for _, rows in chunks] == [10, 10, 3]
+    np.testing.assert_array_equal(np.concatenate([rows for _, rows in chunks]), expected()["b"])
     np.testing.assert_array_equal(store.take("a", [22, 0, 7]), expected()["a"][[22, 0, 7]])
     assert np.load(store.path("a")).shape == (23, 8)  # plain .npy files
     assert not (tmp_path / "s" / PROGRESS_FILE).exists()

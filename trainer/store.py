@@ -177,6 +177,16 @@ class EmbeddingStore:
             handle.seek(_data_offset(path) + start * dim * itemsize)
             return np.fromfile(handle, dtype=self.dtype, count=(stop - start) * dim).reshape(-1, dim)
 
+    def chunks(self, name: str, rows_per_chunk: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, rows) of every chunk of ``rows_per_chunk`` consecutive rows, in order, each read into a new
+        array by file reads through one open file (the file is not mapped): a scan of the whole matrix."""
+        dim, path = self.dims[name], self.path(name)
+        with path.open("rb") as handle:
+            handle.seek(_data_offset(path))
+            for start in range(0, self.rows, rows_per_chunk):
+                count = (min(start + rows_per_chunk, self.rows) - start) * dim
+                yield start, np.fromfile(handle, dtype=self.dtype, count=count).reshape(-1, dim)
+
 
 class StoreWriter:
     """Writes the chunks of a store in any order; ``finish`` seals it (hashes, meta.json)."""
