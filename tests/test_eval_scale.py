@@ -157,10 +157,10 @@ def unit(n: int, dim: int, seed: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-@pytest.mark.parametrize("tile_bytes", [1 << 23, 1], ids=["one-tile-per-chunk", "256-row-tiles"])
-def test_float_top_k_equals_the_dense_product(tmp_path, monkeypatch, dtype, tile_bytes):
-    monkeypatch.setattr(eval.scan, "chunk_rows", lambda queries, row_floats: 700)
-    monkeypatch.setattr(eval.scan, "TILE_BYTES", tile_bytes)  # 256-row tiles: candidates merged across tiles
+@pytest.mark.parametrize("rows_per_chunk", [5000, 256], ids=["one-chunk", "256-row-chunks"])
+def test_float_top_k_equals_the_dense_product(tmp_path, monkeypatch, dtype, rows_per_chunk):
+    # 256-row chunks: candidates merged across chunks
+    monkeypatch.setattr(eval.scan, "chunk_rows", lambda queries, row_floats: rows_per_chunk)
     docs = unit(5000, 48, seed=1)
     store = stored(tmp_path, "docs", docs, dtype)
     cell = Cell(1, 40)
@@ -173,8 +173,7 @@ def test_float_top_k_equals_the_dense_product(tmp_path, monkeypatch, dtype, tile
 
 
 def test_float_top_k_from_a_sampled_floor_equals_the_dense_product(tmp_path, monkeypatch):
-    monkeypatch.setattr(eval.scan, "chunk_rows", lambda queries, row_floats: 700)
-    monkeypatch.setattr(eval.scan, "TILE_BYTES", 1)  # 256-row tiles
+    monkeypatch.setattr(eval.scan, "chunk_rows", lambda queries, row_floats: 256)
     monkeypatch.setattr(eval.scan, "SAMPLE_ROWS", 256)  # a floor for stores of 2,048 documents and more
     docs = unit(5000, 48, seed=11)
     store = stored(tmp_path, "docs", docs)
@@ -266,11 +265,11 @@ def test_scan_reads_the_documents_once_in_bounded_chunks(tmp_path, monkeypatch):
             yield start, rows
 
     monkeypatch.setattr(EmbeddingStore, "chunks", chunks)
-    tiles: list[tuple[int, int]] = []
+    chunks_scored: list[tuple[int, int]] = []
     real_add = eval.scan.RunningTopK.add_products
 
     def add_products(self, products, *args):
-        return tiles.append(tuple(products.shape)) or real_add(self, products, *args)
+        return chunks_scored.append(tuple(products.shape)) or real_add(self, products, *args)
 
     monkeypatch.setattr(eval.scan.RunningTopK, "add_products", add_products)
     query = torch.from_numpy(unit(7, 32, seed=6))
@@ -281,7 +280,7 @@ def test_scan_reads_the_documents_once_in_bounded_chunks(tmp_path, monkeypatch):
         else:
             code_top_k(cell_codes(query, cell, None), store, cell, None, k=10)
         assert reads == [(start, min(start + 256, 3000)) for start in range(0, 3000, 256)]
-    assert tiles and all(shape[0] == 7 and shape[1] <= 256 for shape in tiles)  # never 7 x 3000 at once
+    assert chunks_scored and all(shape[0] == 7 and shape[1] <= 256 for shape in chunks_scored)  # never 7 x 3000 at once
 
 
 def test_rescore_reads_only_the_candidates_float_vectors(tmp_path, monkeypatch):
