@@ -13,7 +13,12 @@ GFLOP/s and their share of the machine's matrix-multiply throughput measured in 
 the store is read with file reads, never mapped, so it is not in it). Before timing, one cell per bit depth is
 scored on a small store, so the kernels' one-time compilation (numba) is not timed, and every layer of the store
 is read once (timed apart: ``first read of every layer s``), so the first cell of a layer does not also pay the
-disk read of the whole layer. Also: the peak over all cells minus the resident memory before scoring, a 4096^3
+disk read of the whole layer. Float cells are timed twice: each cell alone (what serving that one cell costs:
+``float_top_k`` with its one dim) and each layer's dims in one scan (what the grid does: ``float_top_k`` with
+every dim, rows ``L<l>-D32..D384-B32``), whose ``of matmul`` is the time the machine's matrix product takes for
+the products of those cells one by one over the scan's time, and whose ``GFLOP/s executed`` counts the product
+the scan really computes (the widest dim's: nested dims share their products). Also: the peak over all cells
+minus the resident memory before scoring, a 4096^3
 float32 product, and one cell through ``CellSearch.search`` (the mteb result dicts included). The documents
 count grows by size; the sizes run largest first, each in a fresh process, so every peak is its own.
 
@@ -95,13 +100,19 @@ def matmul_gflops(queries: int, dim: int, rows: int, tile: int | None = None, re
 
 
 def score(cell: Cell, queries: torch.Tensor, store: EmbeddingStore, k: int) -> float:
-    """Seconds to score one cell the grid's way (query codes included)."""
+    """Seconds to score one cell alone (query codes included): what serving that one cell costs."""
     start = time.perf_counter()
-    query = cell_vector({cell.layers: queries}, cell.with_bits(32))
     if cell.is_float:
-        float_top_k(query, store, cell, k)
+        float_top_k(queries, store, cell.layers, [cell.dim], k)
     else:
-        code_top_k(cell_codes(query, cell, None), store, cell, None, k)
+        code_top_k(cell_codes(cell_vector({cell.layers: queries}, cell), cell, None), store, cell, None, k)
+    return time.perf_counter() - start
+
+
+def score_layer(layer: int, dims: list[int], queries: torch.Tensor, store: EmbeddingStore, k: int) -> float:
+    """Seconds to score every float dim of one layer the grid's way: one scan for all of them."""
+    start = time.perf_counter()
+    float_top_k(queries, store, layer, dims, k)
     return time.perf_counter() - start
 
 
@@ -170,13 +181,36 @@ def one_size(docs: int, queries: int, grid: Grid, k: int, workdir: Path) -> list
             }
         )
         print(json.dumps(rows[-1]), flush=True)
+    float_dims = sorted({cell.dim for cell in grid.all_cells() if cell.is_float})
+    for layer in sorted({cell.layers for cell in grid.all_cells()}) if float_dims else []:
+        peak_mib(reset=True)
+        seconds = score_layer(layer, float_dims, query_layers[layer], store, k)
+        # the products of the layer's cells taken one by one at the machine's matmul throughput, in seconds
+        matmul_s = sum(2 * queries * docs * dim / (reference[dim] * 1e9) for dim in float_dims)
+        rows.append(
+            {
+                "docs": docs,
+                "cell": f"L{layer}-D{float_dims[0]}..D{float_dims[-1]}-B32",
+                "layer scan": True,
+                "s": round(seconds, 3),
+                "GB/s scanned": float(f"{queries * docs * 4 * sum(float_dims) / seconds / 1e9:.3g}"),
+                "GFLOP/s": round(2 * queries * docs * sum(float_dims) / seconds / 1e9, 1),
+                "GFLOP/s executed": round(2 * queries * docs * float_dims[-1] / seconds / 1e9, 1),
+                "of matmul": float(f"{matmul_s / seconds:.3g}"),
+                "peak RSS MiB": round(peak_mib(), 1),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
     peak = max(row["peak RSS MiB"] for row in rows)
+    cells = [row for row in rows if not row.get("layer scan")]
+    grid_rows = [row for row in rows if row.get("layer scan") or not row["cell"].endswith("-B32")]
     search_s = mteb_search_seconds(store, query_store(workdir / "queries", query_layers), Cell(LAYERS, WIDTH, 1), k)
     summary = {
         "docs": docs,
         "cell": "summary",
-        "cells": len(rows),
-        "total s": round(sum(row["s"] for row in rows), 1),
+        "cells": len(cells),
+        "total s, cells alone": round(sum(row["s"] for row in cells), 1),
+        "total s, the grid's way": round(sum(row["s"] for row in grid_rows), 1),
         "store build s": round(build_s, 1),
         "first read of every layer s": round(first_read_s, 1),
         "store GB": round(sum(store.path(name).stat().st_size for name in store.dims) / 1e9, 2),
@@ -194,8 +228,12 @@ def by_bits(rows: list[dict]) -> list[dict]:
     """Per size and bit depth: cells, seconds, aggregate GB/s, share of matmul throughput (min, mean), peak RSS."""
     table = []
     for docs in dict.fromkeys(row["docs"] for row in rows):
-        for bits in (32, 1, 2):
-            cells = [r for r in rows if r["docs"] == docs and r["cell"].endswith(f"-B{bits}")]
+        for bits, layer_scan in ((32, True), (32, False), (1, False), (2, False)):
+            cells = [
+                r
+                for r in rows
+                if r["docs"] == docs and r["cell"].endswith(f"-B{bits}") and r.get("layer scan", False) == layer_scan
+            ]
             if not cells:
                 continue
             shares = [r["of matmul"] for r in cells if r["of matmul"] is not None]
@@ -204,8 +242,9 @@ def by_bits(rows: list[dict]) -> list[dict]:
                 {
                     "docs": docs,
                     "bits": bits,
-                    "cells": len(cells),
-                    "s/cell mean": round(float(np.mean([r["s"] for r in cells])), 2),
+                    "scored": "grid: a layer's dims in one scan" if layer_scan else "one cell alone",
+                    "scans": len(cells),
+                    "s/scan mean": round(float(np.mean([r["s"] for r in cells])), 2),
                     "total s": round(sum(r["s"] for r in cells), 1),
                     "GB/s scanned (all cells)": round(scanned / sum(r["s"] for r in cells), 2),
                     "GB/s min..max": "{}..{}".format(*(f(r["GB/s scanned"] for r in cells) for f in (min, max))),

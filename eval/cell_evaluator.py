@@ -35,7 +35,7 @@ from sentence_transformers.base.evaluation import BaseEvaluator
 from eval.embeddings import load_or_encode
 from eval.pick import MAIN_METRIC
 from eval.runner import cell_meta, task_prompt
-from eval.search import CellSearch
+from eval.search import CellSearch, LayerScans
 from eval.tasks import TaskTexts, beir_task, task_texts
 from trainer.beir import load_split, write_subset
 from trainer.binary.heads import BinaryHeads
@@ -113,8 +113,10 @@ class CellRetrievalEvaluator(BaseEvaluator):
             embeddings = load_or_encode(
                 model, "training", dev.texts, layers, Path(folder) / dev.name, prompts, batch_size=self.batch_size
             )
-            for cell in self.cells:
-                search = CellSearch(cell, embeddings, cell_meta("training", "step", cell, 0), heads=self.heads)
+            scans = LayerScans(self.cells)
+            for cell in sorted(self.cells, key=lambda c: c.layers):
+                meta = cell_meta("training", "step", cell, 0)
+                search = CellSearch(cell, embeddings, meta, heads=self.heads, scans=scans)
                 result = dev.task.evaluate(search, dev.split, encode_kwargs={"batch_size": self.batch_size})
                 scores[cell] = float(next(iter(result.values()))[MAIN_METRIC])
         return scores

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from eval.cost import CostStore, cell_cost, experiment_key, measure
 from eval.embeddings import load_or_encode
-from eval.search import CellSearch
+from eval.search import CellSearch, LayerScans
 from eval.tasks import TaskTexts, resolve_task, task_texts
 from trainer.binary.heads import BinaryHeads
 from trainer.cell_vectors import code_heads, embedding_dim, num_layers
@@ -219,8 +219,11 @@ def run_grid(request: GridRequest, model: SentenceTransformer | None = None) -> 
                 dtype=request.store_dtype,
                 devices=devices,
             )
-            for cell in tqdm(missing, desc=f"Scoring cells of {task_name}", unit="cell"):
-                search = CellSearch(cell, embeddings, metas[cell], heads=heads, rescore=request.rescore)
+            scans = LayerScans(missing)  # a layer's float cells from one scan of it: score layer by layer
+            for cell in tqdm(
+                sorted(missing, key=lambda c: c.layers), desc=f"Scoring cells of {task_name}", unit="cell"
+            ):
+                search = CellSearch(cell, embeddings, metas[cell], heads=heads, rescore=request.rescore, scans=scans)
                 mteb.evaluate(
                     search,
                     task,

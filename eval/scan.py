@@ -28,7 +28,7 @@ Equal scores are ordered by row (the order documents arrive in), also at the k-t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ from torch import Tensor
 from eval.kernels import add_candidates, add_products, doc_words, hamming_top_k, query_words, sorted_best
 from trainer.binary.codes import PackedCodes
 from trainer.binary.heads import BinaryHeads
-from trainer.cell_vectors import cell_vector, layer_codes, layer_name
+from trainer.cell_vectors import layer_codes, layer_name
 from trainer.grid import Cell
 from trainer.store import EmbeddingStore
 
@@ -105,12 +105,6 @@ def layer_chunks(store: EmbeddingStore, layers: int, rows_per_chunk: int) -> Ite
         yield start, torch.from_numpy(rows)
 
 
-def doc_vectors(store: EmbeddingStore, cell: Cell, rows_per_chunk: int) -> Iterator[tuple[int, Tensor]]:
-    """(first row, the float cell's unit vectors) of consecutive document chunks."""
-    for start, layer in layer_chunks(store, cell.layers, rows_per_chunk):
-        yield start, cell_vector({cell.layers: layer}, cell.with_bits(32))
-
-
 def doc_codes(
     store: EmbeddingStore, cell: Cell, heads: BinaryHeads | None, rows_per_read: int, rows_per_block: int
 ) -> Iterator[tuple[int, PackedCodes]]:
@@ -126,30 +120,72 @@ def doc_codes(
             pending, first = [], end
 
 
-def float_top_k(query: Tensor, store: EmbeddingStore, cell: Cell, k: int) -> tuple[Tensor, Tensor]:
-    """(scores, rows), each (queries, k), best first: the cosine of the float cell's unit vectors.
+def prefix_norms(layer: Tensor, dims: Sequence[int]) -> Tensor:
+    """(n, len(dims)) float32: the norm of each row's first ``d`` dims, for each ``d`` of the increasing ``dims``."""
+    squares = layer.square()
+    bounds = [0, *dims]
+    parts = torch.stack([squares[:, lo:hi].sum(1) for lo, hi in zip(bounds, bounds[1:], strict=False)], 1)
+    return parts.cumsum(1).sqrt()
 
-    On a large store each query starts from a guessed floor (``sampled_floor``): only documents above it enter
-    its running k best. A query left with fewer than ``k`` documents above its floor (the guess was too high)
-    is searched again without one, so the result is exact either way.
+
+def prefix_products(query: Tensor, docs: Tensor, dims: Sequence[int]) -> Iterator[Tensor]:
+    """For each ``d`` of the increasing ``dims``: ``P_d = q_{:d} x_{:d}^T`` (queries x documents) of the raw rows,
+    each grown from the one before, ``P_d = P_{d'} + q_{d':d} x_{d':d}^T``, in one buffer (overwritten by the
+    next), so all the dims cost one product of the widest."""
+    products = None
+    low = 0
+    for dim in dims:
+        if products is None:
+            products = query[:, :dim] @ docs[:, :dim].T
+        else:
+            products.addmm_(query[:, low:dim], docs[:, low:dim].T)
+        low = dim
+        yield products
+
+
+def float_top_k(
+    query: Tensor, store: EmbeddingStore, layers: int, dims: Sequence[int], k: int
+) -> dict[int, tuple[Tensor, Tensor]]:
+    """``{dim: (scores, rows)}``, each (queries, k), best first: the float cells ``L<layers>-D<dim>`` of one
+    layer, all from one scan. ``query`` is the layer's (queries, width) embeddings as stored.
+
+    A float cell's score is the cosine of its vectors (``trainer.cell_vectors.cell_vector``: the first ``d``
+    dims, re-normalised), computed as ``P_d / (|q_{:d}| |x_{:d}|)`` from the raw rows (``prefix_products``,
+    ``prefix_norms``); it equals ``cell_vector(q) . cell_vector(x)`` up to float32 rounding. Nested dims share
+    their products, so scoring the five dims 32..384 of a layer reads the layer once and multiplies as much as
+    the widest alone (BENCHMARKS.md section 3).
+
+    On a large store each query starts from a guessed floor per dim (``sampled_floor``): only documents above it
+    enter that cell's running k best. A query left with fewer than ``k`` documents above a floor (the guess was
+    too high) is searched again without floors, so the result is exact either way.
     """
     k = min(k, store.rows)
-    floor = sampled_floor(query, store, cell, k)
-    scores, rows = _float_scan(query, store, cell, k, floor)
-    missed = rows[:, -1] < 0
+    dims = sorted(set(dims))
+    query = query.float()
+    floors = sampled_floor(query, store, layers, dims, k)
+    results = _float_scan(query, store, layers, dims, k, floors)
+    missed = np.zeros(len(query), bool)
+    for _, rows in results.values():
+        missed |= rows[:, -1] < 0
     if missed.any():
-        scores[missed], rows[missed] = _float_scan(query[torch.from_numpy(missed)], store, cell, k, None)
-    return torch.from_numpy(scores).float(), torch.from_numpy(rows)
+        again = _float_scan(query[torch.from_numpy(missed)], store, layers, dims, k, None)
+        for dim, (scores, rows) in results.items():
+            scores[missed], rows[missed] = again[dim]
+    return {dim: (torch.from_numpy(scores).float(), torch.from_numpy(rows)) for dim, (scores, rows) in results.items()}
 
 
 def _float_scan(
-    query: Tensor, store: EmbeddingStore, cell: Cell, k: int, floor: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray]:
-    rows_per_chunk = chunk_rows(len(query), store.dims[layer_name(cell.layers)])
-    best = RunningTopK(len(query), k, rows_per_chunk, floor)
-    for start, docs in doc_vectors(store, cell, rows_per_chunk):
-        best.add_products(query @ docs.T, start)
-    return sorted_best(best.scores, best.rows, best.filled, k)
+    query: Tensor, store: EmbeddingStore, layers: int, dims: list[int], k: int, floors: dict[int, np.ndarray] | None
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    rows_per_chunk = chunk_rows(len(query), store.dims[layer_name(layers)])
+    query_norms = prefix_norms(query, dims).clamp_min(1e-30).numpy()  # a zero prefix scores 0, as normalize gives
+    best = [RunningTopK(len(query), k, rows_per_chunk, floors and floors[dim]) for dim in dims]
+    for start, docs in layer_chunks(store, layers, rows_per_chunk):
+        docs = docs.float()
+        doc_norms = prefix_norms(docs, dims).numpy()
+        for i, products in enumerate(prefix_products(query, docs, dims)):
+            best[i].add_products(products, start, query_norms[:, i], doc_norms[:, i])
+    return {dim: sorted_best(b.scores, b.rows, b.filled, k) for dim, b in zip(dims, best, strict=True)}
 
 
 def sample_runs(rows: int) -> list[tuple[int, int]]:
@@ -159,8 +195,10 @@ def sample_runs(rows: int) -> list[tuple[int, int]]:
     return [(start, start + run) for start in np.linspace(0, rows - run, SAMPLE_RUNS).astype(int).tolist()]
 
 
-def sampled_floor(query: Tensor, store: EmbeddingStore, cell: Cell, k: int) -> np.ndarray | None:
-    """Each query's guess of a score below its final k-th best: the ``r``-th best of its scores over
+def sampled_floor(
+    query: Tensor, store: EmbeddingStore, layers: int, dims: list[int], k: int
+) -> dict[int, np.ndarray] | None:
+    """Each query's guess of a score below its final k-th best, per dim: the ``r``-th best of its scores over
     ``SAMPLE_ROWS`` = m documents of N spread evenly over the store (``sample_runs``), with ``r = 2 k m / N + 16``.
 
     About ``k m / N`` of the sample lie above the final k-th score, so the floor lets about ``2 k + 16 N / m``
@@ -171,11 +209,15 @@ def sampled_floor(query: Tensor, store: EmbeddingStore, cell: Cell, k: int) -> n
     """
     if store.rows < 8 * SAMPLE_ROWS:
         return None
-    name = layer_name(cell.layers)
-    layer = torch.from_numpy(np.concatenate([store.read(name, *run) for run in sample_runs(store.rows)]))
-    scores = (query @ cell_vector({cell.layers: layer}, cell.with_bits(32)).T).numpy()
+    name = layer_name(layers)
+    sample = torch.from_numpy(np.concatenate([store.read(name, *run) for run in sample_runs(store.rows)])).float()
+    query_norms, doc_norms = prefix_norms(query, dims), prefix_norms(sample, dims)
     rank = min(SAMPLE_ROWS, 2 * k * SAMPLE_ROWS // store.rows + 16)
-    return np.partition(scores, SAMPLE_ROWS - rank, axis=1)[:, SAMPLE_ROWS - rank].astype(np.float64)
+    floors = {}
+    for i, products in enumerate(prefix_products(query, sample, dims)):
+        scores = products / (query_norms[:, i : i + 1] * doc_norms[:, i]).clamp_min(1e-12)
+        floors[dims[i]] = scores.topk(rank, dim=1).values[:, -1].numpy().astype(np.float64)
+    return floors
 
 
 def integer_forms(codes: PackedCodes, dtype: torch.dtype) -> Tensor:

@@ -5,7 +5,8 @@ stores (``eval.embeddings``), and the documents are scanned chunk by chunk (``ev
 retrieval evaluator computes every metric from this cell's ranking while memory stays bounded by one chunk.
 
 Scores:
-- float cell: cosine, ``s(q, d) = <q, d>`` of the unit-normalised ``cell.dim`` prefixes;
+- float cell: cosine, ``s(q, d) = <q, d>`` of the unit-normalised ``cell.dim`` prefixes (a grid scores all the
+  float dims of a layer in one scan, ``LayerScans``);
 - binary cell: the project's one code score, ``trainer.binary.codes.code_scores``: the cosine of the codes'
   float forms (for 1 bit it ranks exactly like Hamming distance);
 - binary with ``rescore = M``: the top ``k * M`` documents by code score (``k = RESCORE_K = 100``, the
@@ -16,6 +17,7 @@ Scores:
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Iterable
 from typing import Any
 
 import numpy as np
@@ -27,6 +29,7 @@ from eval.embeddings import TaskEmbeddings
 from eval.scan import code_top_k, float_top_k
 from trainer.cell_vectors import cell_codes, cell_vector, layer_name
 from trainer.grid import Cell
+from trainer.store import EmbeddingStore
 
 RESCORE_K = 100
 
@@ -37,17 +40,49 @@ def ids_of(rows: Any) -> list[str]:
     return [str(i) for i in column]
 
 
+class LayerScans:
+    """A grid's float cells scored a layer at a time (``eval.scan.float_top_k``): the first float cell of a layer
+    that is searched scans every float dim of ``cells`` at that layer at once, and the other dims' results wait
+    until their cells are searched with the same queries and ``k`` (each is handed out once). Only the results
+    of the layer scanned last are kept, so search the cells layer by layer."""
+
+    def __init__(self, cells: Iterable[Cell]) -> None:
+        self.dims: dict[int, set[int]] = {}
+        for cell in cells:
+            if cell.is_float:
+                self.dims.setdefault(cell.layers, set()).add(cell.dim)
+        self.waiting: dict[int, tuple[Hashable, tuple[Tensor, Tensor]]] = {}  # dim -> (what was asked, result)
+
+    def top_k(self, query: Tensor, docs: EmbeddingStore, cell: Cell, k: int, asked: Hashable) -> tuple[Tensor, Tensor]:
+        """(scores, rows) of float ``cell`` for ``query`` (the layer's stored rows), ``asked`` naming the queries."""
+        key = (cell.layers, asked, k)
+        waiting = self.waiting.pop(cell.dim, None)
+        if waiting is not None and waiting[0] == key:
+            return waiting[1]
+        results = float_top_k(query, docs, cell.layers, self.dims.get(cell.layers, set()) | {cell.dim}, k)
+        self.waiting = {dim: (key, result) for dim, result in results.items() if dim != cell.dim}
+        return results[cell.dim]
+
+
 class CellSearch:
-    """Retrieval with one cell's vectors; ``meta`` names the cell as an mteb experiment."""
+    """Retrieval with one cell's vectors; ``meta`` names the cell as an mteb experiment. Float cells of a grid
+    share ``scans`` (``LayerScans``); without it a float cell is scanned alone (what serving it costs)."""
 
     def __init__(
-        self, cell: Cell, embeddings: TaskEmbeddings, meta: ModelMeta, heads: Any | None = None, rescore: int = 0
+        self,
+        cell: Cell,
+        embeddings: TaskEmbeddings,
+        meta: ModelMeta,
+        heads: Any | None = None,
+        rescore: int = 0,
+        scans: LayerScans | None = None,
     ) -> None:
         self.cell = cell
         self.embeddings = embeddings
         self.mteb_model_meta = meta
         self.heads = heads
         self.rescore = rescore
+        self.scans = scans if scans is not None else LayerScans([cell])
         self._first_id: list[str] = []
         self._more_ids: dict[int, list[str]] = {}  # rows shared by several documents with the same text
 
@@ -67,11 +102,11 @@ class CellSearch:
     def search(self, queries: Any, *, top_k: int, **kwargs: Any) -> dict[str, dict[str, float]]:
         query_ids = ids_of(queries)
         layer = torch.from_numpy(self.embeddings.query_vectors(self.cell.layers, query_ids))
-        query = cell_vector({self.cell.layers: layer}, self.cell.with_bits(32))
         docs = self.embeddings.docs
         if self.cell.is_float:
-            scores, rows = float_top_k(query, docs, self.cell, top_k)
+            scores, rows = self.scans.top_k(layer, docs, self.cell, top_k, tuple(query_ids))
             return self._results(query_ids, scores, rows, top_k)
+        query = cell_vector({self.cell.layers: layer}, self.cell.with_bits(32))
         depth = RESCORE_K * self.rescore if self.rescore else top_k
         scores, rows = code_top_k(cell_codes(query, self.cell, self.heads), docs, self.cell, self.heads, depth)
         if not self.rescore:
