@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 RUN ?= runs/demo
 
-BENCHES := train-step train-memory train-batch grid-eval grid-scale binary-search early-exit flagship decoder-memory
+BENCHES := train-step train-memory train-batch grid-eval grid-scale binary-search early-exit flagship shallow-student decoder-memory
 
 .PHONY: install models demo test test-fast lint format bench bench-smoke clean $(addprefix bench-,$(BENCHES))
 
@@ -67,6 +67,8 @@ bench-early-exit: models
 	PYTHONPATH=. $(BIN)/python bench/early_exit.py
 bench-flagship: models
 	PYTHONPATH=. $(BIN)/python bench/flagship.py
+bench-shallow-student: models
+	PYTHONPATH=. $(BIN)/python bench/shallow_student.py
 bench-decoder-memory: $(STAMP)
 	PYTHONPATH=. $(BIN)/python bench/decoder_memory.py
 
