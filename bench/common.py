@@ -7,6 +7,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from datetime import date
@@ -47,6 +48,16 @@ def median_seconds(function: Callable[[], object], repeats: int, warmup: int = 1
         function()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def provenance() -> dict[str, str]:
+    """What produced a result: the command line of this process, the machine, the commit and the date."""
+    return {
+        "command": "python " + " ".join(sys.argv),
+        "machine": machine(),
+        "commit": commit(),
+        "date": date.today().isoformat(),
+    }
 
 
 def write_result(name: str, command: str, rows: list[dict], smoke: bool) -> Path:

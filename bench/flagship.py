@@ -34,7 +34,7 @@ from statistics import mean, stdev
 
 import yaml
 
-from bench.common import RESULTS, commit, machine
+from bench.common import RESULTS, provenance
 
 STUDENT = "sentence-transformers/all-MiniLM-L6-v2"
 RECIPE = Path("configs/flagship.yaml")
@@ -297,10 +297,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     name = f"{args.name}-smoke" if args.smoke else args.name
     payload = {
-        "command": "python " + " ".join(sys.argv),
-        "machine": machine(),
-        "commit": commit(),
-        "date": time.strftime("%Y-%m-%d"),
+        **provenance(),
         "seeds": args.seeds,
         "earlier": {k: earlier_payload[k] for k in ("command", "commit", "date")} if earlier_payload else None,
         "timings_s": timings,

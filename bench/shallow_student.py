@@ -25,13 +25,12 @@ import argparse
 import copy
 import json
 import sys
-import time
 from pathlib import Path
 
 import yaml
 from sentence_transformers import SentenceTransformer
 
-from bench.common import RESULTS, commit, machine
+from bench.common import RESULTS, provenance
 from bench.flagship import RECIPE, STUDENT, TASKS, evaluate, run, scores, summarise, train
 from trainer.cell_vectors import keep_layers
 from trainer.grid import Cell
@@ -112,10 +111,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     payload = {
-        "command": "python " + " ".join(sys.argv),
-        "machine": machine(),
-        "commit": commit(),
-        "date": time.strftime("%Y-%m-%d"),
+        **provenance(),
         "seeds": args.seeds,
         "teacher": teacher,
         "untrained": untrained,
