@@ -33,9 +33,13 @@ def test_grid_scale_smoke_times_every_cell():
     payload = recorded("grid_scale")
     assert payload["smoke"] is True and payload["machine"] and payload["command"]
     rows = payload["rows"]
-    cells = [row for row in rows if row["cell"] != "summary"]
+    cells = [row for row in rows if row["cell"] != "summary" and not row.get("layer scan")]
+    scans = [row for row in rows if row.get("layer scan")]
     assert len(cells) == 12 and all(row["s"] > 0 and row["GB/s scanned"] > 0 for row in cells)
     assert all(row["of matmul"] > 0 for row in cells if not row["cell"].endswith("-B1"))
+    # the grid's way: each of the smoke grid's 2 layers scanned once for both its float dims
+    assert [row["cell"] for row in scans] == ["L1-D32..D384-B32", "L6-D32..D384-B32"]
+    assert all(row["s"] > 0 and row["of matmul"] > 0 for row in scans)
 
 
 def test_memory_benchmark_smoke():
