@@ -13,6 +13,7 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba.cpython.unsafe.numbers import trailing_zeros
 from numba.extending import intrinsic
 
 TILE = 2048  # documents per tile: a tile of every query block's distances stays in cache
@@ -31,16 +32,17 @@ def _popcount(typingctx, word):  # noqa: ARG001 (numba's signature)
 
 @numba.njit(cache=True)
 def _append_marked(marks: np.ndarray, n: int, base: int, out: np.ndarray, at: int) -> int:
-    """Write ``base + j`` for each marked column ``j < n`` of ``marks`` (uint8, padded with unmarked entries
-    to a multiple of 8) to ``out`` from ``at``, skipping eight unmarked entries at a time; return the new end."""
+    """Write ``base + j`` for each marked column ``j < n`` of ``marks`` (uint8 0 or 1, padded with unmarked
+    entries to a multiple of 8) to ``out`` from ``at``; return the new end. Eight marks are read as one
+    little-endian 64-bit word, in which mark ``j`` is bit ``8 j``: the loop visits only the set bits (the lowest
+    by its trailing zeros, then cleared), so its branches follow the count of marks, not their positions."""
     words = marks.view(np.uint64)
     for g in range((n + 7) // 8):
-        if words[g] == 0:
-            continue
-        for j in range(8 * g, 8 * g + 8):
-            if marks[j]:
-                out[at] = base + j
-                at += 1
+        word = words[g]
+        while word:
+            out[at] = base + 8 * g + (np.int64(trailing_zeros(word)) >> 3)
+            at += 1
+            word &= word - np.uint64(1)
     return at
 
 
@@ -235,17 +237,57 @@ def add_candidates(
 
 
 @numba.njit(parallel=True, cache=True)
-def sorted_best(
-    kept_scores: np.ndarray, kept_rows: np.ndarray, filled: np.ndarray, k: int
+def _best_in_arrival_order(
+    kept_scores: np.ndarray, kept_rows: np.ndarray, filled: np.ndarray, kth: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, rows), each (Q, k): every query's ``k`` best of its kept entries, best first, ties by arrival
-    (``-inf`` and row -1 where a query holds fewer)."""
+    """(scores, rows), each (Q, k): every query's kept entries above its ``kth`` score, then as many of those at
+    it as fill ``k``, earliest first, in arrival order (``-inf`` and row -1 where a query holds fewer)."""
     n_queries = kept_scores.shape[0]
     out_scores = np.full((n_queries, k), -np.inf)
     out_rows = np.full((n_queries, k), -1, np.int64)
     for q in numba.prange(n_queries):
-        kept, _ = _keep_best_scores(kept_scores[q], kept_rows[q], filled[q], k)
-        order = np.argsort(-kept_scores[q, :kept], kind="mergesort")  # stable: ties stay in arrival order
-        for i in range(kept):
-            out_scores[q, i], out_rows[q, i] = kept_scores[q, order[i]], kept_rows[q, order[i]]
+        t = kth[q]
+        ties = k
+        for x in range(filled[q]):
+            ties -= kept_scores[q, x] > t
+        at = 0
+        for x in range(filled[q]):
+            s = kept_scores[q, x]
+            if s > t or (s == t and ties > 0):
+                ties -= s == t
+                out_scores[q, at], out_rows[q, at] = s, kept_rows[q, x]
+                at += 1
     return out_scores, out_rows
+
+
+@numba.njit(parallel=True, cache=True)
+def _in_order(scores: np.ndarray, rows: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, rows) of each query permuted by its ``order`` (best first), then its rows ascending within every
+    run of equal scores."""
+    out_scores, out_rows = np.empty_like(scores), np.empty_like(rows)
+    n = scores.shape[1]
+    for q in numba.prange(scores.shape[0]):
+        for x in range(n):
+            out_scores[q, x], out_rows[q, x] = scores[q, order[q, x]], rows[q, order[q, x]]
+        start = 0
+        for x in range(1, n + 1):
+            if x == n or out_scores[q, x] != out_scores[q, start]:
+                if x - start > 1:
+                    out_rows[q, start:x] = np.sort(out_rows[q, start:x])
+                start = x
+    return out_scores, out_rows
+
+
+def sorted_best(
+    kept_scores: np.ndarray, kept_rows: np.ndarray, filled: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, rows), each (Q, k): every query's ``k`` best of its kept entries, best first, ties by row (``-inf``
+    and row -1 where a query holds fewer). Every caller adds entries of equal score in row order (documents arrive
+    in row order, and the Hamming top-k hands over each distance's rows in order), so ties by row are ties by
+    arrival. The k-th score comes from numpy's partition and the order from numpy's sort (both vectorised); the
+    ties are then put in row order."""
+    width = max(int(filled.max(initial=0)), k)
+    scores = np.where(np.arange(width) < filled[:, None], kept_scores[:, :width], -np.inf)
+    scores.partition(width - k, axis=1)
+    scores, rows = _best_in_arrival_order(kept_scores, kept_rows, filled, scores[:, width - k].copy(), k)
+    return _in_order(scores, rows, np.argsort(-scores, axis=1))
