@@ -6,7 +6,7 @@ scores compared with the thresholds in one compiled pass while they are in cache
 (``eval.kernels.add_products``), and only the documents above them are kept, so memory is bounded by one chunk
 whatever the corpus size, and the cost is the kernel's plus the
 upkeep of the ``k`` best (with mteb's k = 1000, about ``k ln(N / k)`` insertions per query over N documents;
-float cells of large stores start from a floor guessed on a sample, which lets in about ``2 k`` instead).
+float cells of large stores start from a floor guessed on a sample, which lets in a little over ``k`` instead).
 Documents are read from the store with file reads (``EmbeddingStore.chunks``) and turned into the cell's vectors
 or codes by the one definition of a cell (``trainer.cell_vectors``). Kernels:
 
@@ -28,6 +28,7 @@ Equal scores are ordered by row (the order documents arrive in), also at the k-t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -199,12 +200,14 @@ def sampled_floor(
     query: Tensor, store: EmbeddingStore, layers: int, dims: list[int], k: int
 ) -> dict[int, np.ndarray] | None:
     """Each query's guess of a score below its final k-th best, per dim: the ``r``-th best of its scores over
-    ``SAMPLE_ROWS`` = m documents of N spread evenly over the store (``sample_runs``), with ``r = 2 k m / N + 16``.
+    ``SAMPLE_ROWS`` = m documents of N spread evenly over the store (``sample_runs``).
 
-    About ``k m / N`` of the sample lie above the final k-th score, so the floor lets about ``2 k + 16 N / m``
-    documents in per query, instead of the ``k ln(N / k)`` a threshold rising from -inf lets in; a floor above
-    the k-th score needs more than ``r`` of them in the sample, many standard deviations away on any corpus
-    whose order does not follow the sample's spacing (``float_top_k`` checks and searches such queries again).
+    The number of sampled documents at or above the final k-th score is about binomial with mean
+    ``mu = k m / N`` (variance at most ``mu``), so ``r = ceil(mu + 4 sqrt(mu)) + 8`` leaves the floor below the
+    k-th score unless that count is more than four standard deviations (plus 8) above its mean, which on any
+    corpus whose order does not follow the sample's spacing is rare (``float_top_k`` checks and searches such
+    queries again). The floor lets about ``r N / m = k + 4 sqrt(k N / m) + 8 N / m`` documents in per query
+    (about 1,800 at N = 200k, k = 1,000), instead of the ``k ln(N / k)`` a threshold rising from -inf lets in.
     None (no floor) for stores under ``8 m`` documents.
     """
     if store.rows < 8 * SAMPLE_ROWS:
@@ -212,11 +215,15 @@ def sampled_floor(
     name = layer_name(layers)
     sample = torch.from_numpy(np.concatenate([store.read(name, *run) for run in sample_runs(store.rows)])).float()
     query_norms, doc_norms = prefix_norms(query, dims), prefix_norms(sample, dims)
-    rank = min(SAMPLE_ROWS, 2 * k * SAMPLE_ROWS // store.rows + 16)
+    expected = k * SAMPLE_ROWS / store.rows
+    rank = min(SAMPLE_ROWS, math.ceil(expected + 4 * math.sqrt(expected)) + 8)
+    query_norms, doc_inverse = query_norms.clamp_min(1e-30).double().numpy(), 1 / doc_norms.clamp_min(1e-30)
+    scores = torch.empty(len(query), len(sample))
     floors = {}
     for i, products in enumerate(prefix_products(query, sample, dims)):
-        scores = products / (query_norms[:, i : i + 1] * doc_norms[:, i]).clamp_min(1e-12)
-        floors[dims[i]] = scores.topk(rank, dim=1).values[:, -1].numpy().astype(np.float64)
+        # the r-th best of P_d / |x_d|, then divided by |q_d|: the query's norm does not change its order
+        torch.mul(products, doc_inverse[:, i], out=scores)
+        floors[dims[i]] = np.partition(scores.numpy(), -rank, axis=1)[:, -rank] / query_norms[:, i]
     return floors
 
 
