@@ -205,6 +205,9 @@ def main() -> None:
     parser.add_argument("--ablation", action="store_true", help="also train and evaluate the five ablation rows")
     parser.add_argument("--models", nargs="+", help="only these of: ours st " + " ".join(ABLATION))
     parser.add_argument("--smoke", action="store_true", help="a few steps, one task, two cells")
+    parser.add_argument(
+        "--recipe", type=Path, default=RECIPE, help="our recipe (ours, the ablation rows and ST's steps, batch, lr)"
+    )
     parser.add_argument("--runs", default="runs/flagship")
     parser.add_argument("--name", default="flagship", help="result file name under bench/results/")
     parser.add_argument(
@@ -220,7 +223,7 @@ def main() -> None:
     runs = Path(args.runs + ("-smoke" if args.smoke else ""))
     runs.mkdir(parents=True, exist_ok=True)
     log = runs / "log.txt"
-    base = yaml.safe_load(RECIPE.read_text())
+    base = yaml.safe_load(args.recipe.read_text())
     overrides, tasks, grid = [], TASKS, GRID
     if args.smoke:
         overrides = ["--max_steps", "2", "--per_device_train_batch_size", "8"]
