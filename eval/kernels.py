@@ -47,22 +47,28 @@ def _append_marked(marks: np.ndarray, n: int, base: int, out: np.ndarray, at: in
 
 
 @numba.njit(parallel=True, cache=True)
-def hamming_top_k(queries: np.ndarray, docs: np.ndarray, k: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact Hamming top-k: ``queries`` (Q, W) and ``docs`` transposed (W, N), codes as uint64 words (zero
-    padded); returns (distances int32, rows int64), each (Q, min(k, N)), sorted by distance, ties by row, as
-    faiss's counting ``knn_hamming(..., "mc")`` orders them.
+def hamming_top_k(
+    queries: np.ndarray, docs: np.ndarray, k: int, bits: int, thresholds: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact Hamming top-k below per-query thresholds: ``queries`` (Q, W) and ``docs`` transposed (W, N), codes as
+    uint64 words (zero padded); returns (distances int32, rows int64), each (Q, min(k, N)): the ``k`` best of the
+    documents at distances below ``thresholds[q]`` (``bits + 1``: every document), sorted by distance, ties by
+    row, as faiss's counting ``knn_hamming(..., "mc")`` orders them; where a query has fewer such documents, the
+    places left hold distance ``bits + 1`` and row -1. ``thresholds`` is lowered in place to each query's final
+    ``t`` (below), which the next block of documents can start from: its documents at distances ``>= t`` would
+    lose to ``k`` earlier ones (ties go to the earlier row).
 
     A distance is one of ``bits + 1`` values, so each query counts its kept entries per distance and keeps its
-    threshold ``t`` at the k-th smallest distance so far (``bits + 1`` until ``k`` are kept), lowered at every
-    admission. A document enters only if its distance is below ``t`` (it loses ties to every kept one); the
-    entries, kept in arrival order, are cut back to those at distances ``<= t`` (fewer than ``2 k``) when the
+    threshold ``t`` at the k-th smallest distance so far (its starting threshold until ``k`` are kept), lowered
+    at every admission. A document enters only if its distance is below ``t`` (it loses ties to every kept one);
+    the entries, kept in arrival order, are cut back to those at distances ``<= t`` (fewer than ``2 k``) when the
     next tile might not fit, and a counting sort by distance orders them at the end."""
     n_queries, words = queries.shape
     n_docs = docs.shape[1]
-    k = min(k, n_docs)
-    capacity = 2 * k + TILE
-    out_distances = np.empty((n_queries, k), np.int32)
-    out_rows = np.empty((n_queries, k), np.int64)
+    returned = min(k, n_docs)  # the threshold still counts to k: it falls only once k documents are kept
+    capacity = 2 * returned + TILE
+    out_distances = np.full((n_queries, returned), bits + 1, np.int32)
+    out_rows = np.full((n_queries, returned), -1, np.int64)
     for block in numba.prange((n_queries + QUERY_BLOCK - 1) // QUERY_BLOCK):
         first = block * QUERY_BLOCK
         size = min(QUERY_BLOCK, n_queries - first)
@@ -70,7 +76,7 @@ def hamming_top_k(queries: np.ndarray, docs: np.ndarray, k: int, bits: int) -> t
         kept_rows = np.empty((size, capacity), np.int64)
         filled = np.zeros(size, np.int64)
         counts = np.zeros((size, bits + 2), np.int64)  # entries admitted at each distance
-        threshold = np.full(size, bits + 1, np.int64)
+        threshold = thresholds[first : first + size].copy()
         at_most = np.zeros(size, np.int64)  # entries admitted at distances <= threshold
         distance = np.zeros(TILE, np.int32)
         marks = np.zeros(TILE, np.uint8)
@@ -108,6 +114,7 @@ def hamming_top_k(queries: np.ndarray, docs: np.ndarray, k: int, bits: int) -> t
                                 n -= counts[i, t]
                                 t -= 1
                 threshold[i], at_most[i], filled[i] = t, n, f
+        thresholds[first : first + size] = threshold
         for i in range(size):  # counting sort by distance, stable in row order; the first k
             slot = np.zeros(bits + 2, np.int64)
             for x in range(filled[i]):
@@ -116,7 +123,7 @@ def hamming_top_k(queries: np.ndarray, docs: np.ndarray, k: int, bits: int) -> t
                 slot[d] += slot[d - 1]
             for x in range(filled[i]):
                 d = kept_distances[i, x]
-                if slot[d] < k:
+                if slot[d] < returned:
                     out_distances[first + i, slot[d]], out_rows[first + i, slot[d]] = d, kept_rows[i, x]
                 slot[d] += 1
     return out_distances, out_rows

@@ -13,8 +13,9 @@ or codes by the one definition of a cell (``trainer.cell_vectors``). Kernels:
 - **float cells**: ``q @ x.T`` of the unit prefixes, a float32 matrix product per chunk, exactly the in-memory
   cosine;
 - **1-bit cells**: exact Hamming top-k by a compiled popcount kernel (``eval.kernels.hamming_top_k``: a
-  running threshold per query, so only the few documents that can still enter the k best are kept; 2-4x
-  faster than faiss's ``knn_hamming`` at the k = 1000 mteb asks for, with the same order). The code score
+  running threshold per query, carried from one block of documents to the next, so only the few documents that
+  can still enter the k best are kept; 2-4x faster than faiss's ``knn_hamming`` at the k = 1000 mteb asks for,
+  with the same order). The code score
   (``trainer.binary.codes.code_scores``) of 1-bit codes is ``(m - 2 H) / (|e_q| |e_d|)`` with equal norms, so
   Hamming order is score order, and the returned scores are computed exactly as ``code_scores`` computes them;
 - **multi-bit cells**: the float form scaled to integers, ``2^(B-1) e = sum_i 2^(B-1-i) b_i`` (odd integers),
@@ -243,11 +244,12 @@ def code_top_k(
         best = RunningTopK(len(query), k, k)
         rows_per_read = chunk_rows(len(query), store_dim + 2 * cell.dim)
         queries = query_words(query.packed[:, 0])
+        thresholds = np.full(len(query), cell.dim + 1, np.int64)  # each block starts below the k-th distance so far
         for start, docs in doc_codes(store, cell, heads, rows_per_read, HAMMING_ROWS):
-            hamming, rows = hamming_top_k(queries, doc_words(docs.packed[:, 0]), k, cell.dim)
+            hamming, rows = hamming_top_k(queries, doc_words(docs.packed[:, 0]), k, cell.dim, thresholds)
             inner = cell.dim - 2 * hamming.astype(np.float64)
             norms = np.maximum(query.norms[:, None] * docs.norms[rows], np.float32(1e-12))
-            best.add_candidates(inner / norms, rows + start)
+            best.add_candidates(np.where(rows >= 0, inner / norms, -np.inf), rows + start)
         return best.best(torch.float64)
     dtype = torch.float32 if cell.dim * (2**cell.bits - 1) ** 2 < 2**24 else torch.float64  # exact products
     query_forms, scale = integer_forms(query, dtype), 2.0 ** (2 - 2 * cell.bits)

@@ -27,7 +27,8 @@ def test_hamming_top_k_is_the_exact_top_k_with_ties_in_row_order(width, docs, k)
     rng = np.random.default_rng(width)
     query_codes = rng.integers(0, 256, (37, width), dtype=np.uint8)
     doc_codes = rng.integers(0, 256, (docs, width), dtype=np.uint8)
-    distances, rows = hamming_top_k(query_words(query_codes), doc_words(doc_codes), k, width * 8)
+    every = np.full(37, width * 8 + 1)
+    distances, rows = hamming_top_k(query_words(query_codes), doc_words(doc_codes), k, width * 8, every)
     expected_distances, expected_rows = brute_force(query_codes, doc_codes, min(k, docs))
     np.testing.assert_array_equal(distances, expected_distances)
     np.testing.assert_array_equal(rows, expected_rows)
@@ -37,10 +38,51 @@ def test_hamming_top_k_orders_as_faiss_counting_top_k():
     rng = np.random.default_rng(0)
     query_codes = rng.integers(0, 256, (50, 8), dtype=np.uint8)
     doc_codes = rng.integers(0, 256, (3 * TILE, 8), dtype=np.uint8)
-    distances, rows = hamming_top_k(query_words(query_codes), doc_words(doc_codes), 100, 64)
+    distances, rows = hamming_top_k(query_words(query_codes), doc_words(doc_codes), 100, 64, np.full(50, 65))
     faiss_distances, faiss_rows = faiss.knn_hamming(query_codes, doc_codes, 100, "mc")
     np.testing.assert_array_equal(distances, faiss_distances)
     np.testing.assert_array_equal(rows, faiss_rows)
+
+
+def test_hamming_top_k_below_thresholds_keeps_only_closer_documents():
+    """A threshold per query: only documents below it enter; places left are distance bits + 1 and row -1; the
+    thresholds come back lowered to each query's k-th distance where k documents were found."""
+    rng = np.random.default_rng(5)
+    query_codes = rng.integers(0, 256, (21, 2), dtype=np.uint8)
+    doc_codes = rng.integers(0, 256, (TILE + 300, 2), dtype=np.uint8)
+    thresholds = rng.integers(0, 10, 21)
+    given = thresholds.copy()
+    distances, rows = hamming_top_k(query_words(query_codes), doc_words(doc_codes), 30, 16, thresholds)
+    all_distances, all_rows = brute_force(query_codes, doc_codes, len(doc_codes))
+    for q in range(21):
+        below = all_distances[q] < given[q]
+        found = min(30, int(below.sum()))
+        np.testing.assert_array_equal(distances[q, :found], all_distances[q, below][:found])
+        np.testing.assert_array_equal(rows[q, :found], all_rows[q, below][:found])
+        assert (distances[q, found:] == 17).all() and (rows[q, found:] == -1).all()
+        assert thresholds[q] == (all_distances[q, below][29] if found == 30 else given[q])
+
+
+# blocks larger and smaller than k, and k above the number of documents (every one must come back)
+@pytest.mark.parametrize(("block", "docs", "k"), [(300, 2000, 40), (30, 2000, 40), (30, 60, 100)])
+def test_hamming_top_k_over_blocks_with_carried_thresholds_is_the_exact_top_k(block, docs, k):
+    """Blocks of documents, each starting from the thresholds the blocks before left: merged by distance, then
+    row, the candidates hold the exact top-k of all the documents (ties to the earlier row)."""
+    rng = np.random.default_rng(6)
+    query_codes = rng.integers(0, 256, (19, 2), dtype=np.uint8)
+    doc_codes = rng.integers(0, 256, (docs, 2), dtype=np.uint8)
+    thresholds = np.full(19, 17)
+    found = []
+    for start in range(0, docs, block):
+        distances, rows = hamming_top_k(
+            query_words(query_codes), doc_words(doc_codes[start : start + block]), k, 16, thresholds
+        )
+        found.append((distances, np.where(rows >= 0, rows + start, -1)))
+    distances, rows = np.concatenate([d for d, _ in found], axis=1), np.concatenate([r for _, r in found], axis=1)
+    order = np.lexsort((rows, distances), axis=1)[:, :k]
+    expected_distances, expected_rows = brute_force(query_codes, doc_codes, k)
+    np.testing.assert_array_equal(np.take_along_axis(distances, order, axis=1), expected_distances)
+    np.testing.assert_array_equal(np.take_along_axis(rows, order, axis=1), expected_rows)
 
 
 def running_top_k(tiles: list[tuple], queries: int, k: int, width: int) -> tuple[np.ndarray, np.ndarray]:
