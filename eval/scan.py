@@ -52,7 +52,7 @@ SAMPLE_RUNS = 64  # runs of consecutive documents they are read in
 
 
 class RunningTopK:
-    """The ``k`` best (score, row) of each of ``queries`` queries over chunks of documents, ties by arrival.
+    """The ``k`` best (score, row) of each of ``queries`` queries over chunks of documents, ties by row.
 
     The upkeep is compiled (``eval.kernels``): each query keeps up to ``2 k + width`` entries (16 bytes each)
     and its k-th score (or the floor it was given, whichever is higher) as a threshold; a chunk of at most
@@ -84,11 +84,11 @@ class RunningTopK:
         add_products(products.numpy(), query_norms, doc_norms, scale, first_row, MARGIN, *state)
 
     def add_candidates(self, scores: np.ndarray, rows: np.ndarray) -> None:
-        """Candidates (queries, n) of explicit rows, in arrival order."""
+        """Candidates (queries, n) of explicit rows, in arrival order; equal scores in row order (ties go by row)."""
         add_candidates(scores, rows, self.scores, self.rows, self.filled, self.threshold, self.k)
 
     def best(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """(scores, rows), each (queries, k), best first, ties by arrival."""
+        """(scores, rows), each (queries, k), best first, ties by row."""
         scores, rows = sorted_best(self.scores, self.rows, self.filled, self.k)
         return torch.from_numpy(scores).to(dtype), torch.from_numpy(rows)
 
@@ -215,10 +215,10 @@ def sampled_floor(
         return None
     name = layer_name(layers)
     sample = torch.from_numpy(np.concatenate([store.read(name, *run) for run in sample_runs(store.rows)])).float()
-    query_norms, doc_norms = prefix_norms(query, dims), prefix_norms(sample, dims)
     expected = k * SAMPLE_ROWS / store.rows
     rank = min(SAMPLE_ROWS, math.ceil(expected + 4 * math.sqrt(expected)) + 8)
-    query_norms, doc_inverse = query_norms.clamp_min(1e-30).double().numpy(), 1 / doc_norms.clamp_min(1e-30)
+    query_norms = prefix_norms(query, dims).clamp_min(1e-30).double().numpy()
+    doc_inverse = 1 / prefix_norms(sample, dims).clamp_min(1e-30)
     scores = torch.empty(len(query), len(sample))
     floors = {}
     for i, products in enumerate(prefix_products(query, sample, dims)):
