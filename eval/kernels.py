@@ -147,17 +147,27 @@ def _keep_best_scores(scores: np.ndarray, rows: np.ndarray, filled: int, k: int)
     if filled < k:
         return filled, -np.inf
     threshold = np.partition(scores[:filled].copy(), filled - k)[filled - k]  # the k-th largest
+    return _keep_from(scores, rows, filled, threshold, k, scores, rows), threshold
+
+
+@numba.njit(cache=True)
+def _keep_from(
+    scores: np.ndarray, rows: np.ndarray, filled: int, kth: float, k: int, out_scores: np.ndarray, out_rows: np.ndarray
+) -> int:
+    """Copy to ``out_scores``/``out_rows``, in arrival order, the first ``filled`` entries scoring above ``kth``
+    and then as many of those scoring ``kth`` as fill ``k``, earliest first (the outputs may be the inputs: entries
+    only move forward); return how many were copied."""
     ties = k
     for i in range(filled):
-        ties -= scores[i] > threshold
+        ties -= scores[i] > kth
     kept = 0
     for i in range(filled):
         s = scores[i]
-        if s > threshold or (s == threshold and ties > 0):
-            ties -= s == threshold
-            scores[kept], rows[kept] = s, rows[i]
+        if s > kth or (s == kth and ties > 0):
+            ties -= s == kth
+            out_scores[kept], out_rows[kept] = s, rows[i]
             kept += 1
-    return kept, threshold
+    return kept
 
 
 @numba.njit(cache=True)
@@ -253,17 +263,7 @@ def _best_in_arrival_order(
     out_scores = np.full((n_queries, k), -np.inf)
     out_rows = np.full((n_queries, k), -1, np.int64)
     for q in numba.prange(n_queries):
-        t = kth[q]
-        ties = k
-        for x in range(filled[q]):
-            ties -= kept_scores[q, x] > t
-        at = 0
-        for x in range(filled[q]):
-            s = kept_scores[q, x]
-            if s > t or (s == t and ties > 0):
-                ties -= s == t
-                out_scores[q, at], out_rows[q, at] = s, kept_rows[q, x]
-                at += 1
+        _keep_from(kept_scores[q], kept_rows[q], filled[q], kth[q], k, out_scores[q], out_rows[q])
     return out_scores, out_rows
 
 
