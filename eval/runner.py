@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import mteb
 from mteb.abstasks.retrieval import AbsTaskRetrieval
 from mteb.cache import ResultCache
 from mteb.models.abs_encoder import get_prompt_name
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 
 from eval.cost import CostStore, cell_cost, experiment_key, measure
 from eval.embeddings import load_or_encode
+from eval.scoring import CellScorer, metric_workers, ranked
 from eval.search import CellSearch, LayerScans
 from eval.tasks import TaskTexts, resolve_task, task_texts
 from trainer.binary.heads import BinaryHeads
@@ -220,19 +220,13 @@ def run_grid(request: GridRequest, model: SentenceTransformer | None = None) -> 
                 devices=devices,
             )
             scans = LayerScans(missing)  # a layer's float cells from one scan of it: score layer by layer
-            for cell in tqdm(
-                sorted(missing, key=lambda c: c.layers), desc=f"Scoring cells of {task_name}", unit="cell"
-            ):
-                search = CellSearch(cell, embeddings, metas[cell], heads=heads, rescore=request.rescore, scans=scans)
-                mteb.evaluate(
-                    search,
-                    task,
-                    cache=cache,
-                    overwrite_strategy="always",  # only missing or stale cells reach this point
-                    show_progress_bar=False,
-                    encode_kwargs={"batch_size": request.batch_size, "show_progress_bar": False},
-                )
-                results.scored_cells += 1
+            with CellScorer(task, cache, request.batch_size, metric_workers()) as scorer:
+                for cell in tqdm(
+                    sorted(missing, key=lambda c: c.layers), desc=f"Scoring cells of {task_name}", unit="cell"
+                ):
+                    search = CellSearch(cell, embeddings, metas[cell], heads, request.rescore, scans)
+                    scorer.submit(ranked(search, task, split))
+                    results.scored_cells += 1
             searches = {
                 keys[c]: CellSearch(c, embeddings, metas[c], heads=heads, rescore=request.rescore) for c in unmeasured
             }

@@ -14,6 +14,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 from test_eval_helpers import make_beir_folder, make_tiny_model
 
+import eval.runner
 import trainer.cell_vectors
 from eval.cli import main
 from eval.embeddings import TaskEmbeddings
@@ -117,9 +118,9 @@ def test_interrupted_grid_resumes_without_reencoding_or_rescoring(tiny, tmp_path
         run_grid(request)
     first_pass = list(scored)
     monkeypatch.setattr(CellSearch, "search", real_search)
-    real_evaluate = mteb.evaluate  # scoring calls, not the cost measurement's timed searches (eval.cost)
+    real_ranked = eval.runner.ranked  # scored cells, not the cost measurement's timed searches (eval.cost)
     monkeypatch.setattr(
-        mteb, "evaluate", lambda search, *a, **kw: scored.append(search.cell) or real_evaluate(search, *a, **kw)
+        eval.runner, "ranked", lambda search, *a, **kw: scored.append(search.cell) or real_ranked(search, *a, **kw)
     )
     seen = count_encodes(monkeypatch)
     results = run_grid(request)

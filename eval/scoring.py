@@ -1,0 +1,136 @@
+"""mteb's metrics of a grid's cells, computed in worker processes while this process searches the next cells.
+
+Each cell is searched here (``CellSearch``: the layer scans share work, the stores stay open here) on the
+queries mteb will ask for, and its ranking goes to ``mteb.evaluate`` as a ``RankedSearch`` in a forked worker.
+mteb's per-cell metric code (pytrec_eval, MRR, the abstention curves: about 0.35 s per cranfield cell) holds
+the GIL and costs more than the searches, so a 60-cell grid spends most of its scoring time there; workers
+share it out over the machine's cores. Workers are forked once the task is loaded, so they inherit the task
+and the result cache, and only rankings travel to them. At most one ranking per worker waits in the queue,
+so memory stays bounded on large tasks. Where fork is unavailable (Windows, macOS) or there is a single
+core, the metrics are computed here, one cell after another.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sys
+from collections import deque
+from multiprocessing.pool import AsyncResult, Pool
+from typing import Any
+
+import mteb
+from mteb.abstasks.retrieval import AbsTaskRetrieval
+from mteb.cache import ResultCache
+from mteb.models.model_meta import ModelMeta
+
+from eval.search import CellSearch, ids_of
+
+
+class RankedSearch:
+    """An mteb ``SearchProtocol`` model that answers with a ranking computed beforehand: ``ranking`` is
+    ``{query id: {doc id: score}}`` of the ``top_k`` best documents of every query mteb will ask for."""
+
+    def __init__(self, meta: ModelMeta, ranking: dict[str, dict[str, float]], top_k: int) -> None:
+        self.mteb_model_meta = meta
+        self.ranking = ranking
+        self.top_k = top_k
+
+    def index(self, corpus: Any, **kwargs: Any) -> None:
+        """Nothing to index: the ranking is already computed."""
+
+    def search(self, queries: Any, *, top_k: int, **kwargs: Any) -> dict[str, dict[str, float]]:
+        query_ids = ids_of(queries)
+        if top_k != self.top_k or not self.ranking.keys() >= set(query_ids):
+            asked = f"mteb asks for {len(query_ids)} to {top_k}"
+            raise ValueError(f"ranked {len(self.ranking)} queries to depth {self.top_k}; {asked}")
+        return {qid: self.ranking[qid] for qid in query_ids}
+
+
+def judged_queries(task: AbsTaskRetrieval, split: str) -> tuple[Any, Any]:
+    """(corpus, queries) of the task's one subset as mteb's retrieval evaluator sees them: only queries with
+    at least one relevance judgement (mteb drops the others before searching)."""
+    (data,) = (subset[split] for subset in task.dataset.values())
+    judged = {str(qid) for qid, docs in data["relevant_docs"].items() if docs}
+    return data["corpus"], {"id": [qid for qid in ids_of(data["queries"]) if qid in judged]}
+
+
+def ranked(search: CellSearch, task: AbsTaskRetrieval, split: str) -> RankedSearch:
+    """The cell's ranking of the task's judged queries, at the depth mteb asks (its largest k)."""
+    corpus, queries = judged_queries(task, split)
+    top_k = max(task.k_values)
+    search.index(corpus)
+    return RankedSearch(search.mteb_model_meta, search.search(queries, top_k=top_k), top_k)
+
+
+def metric_workers() -> int:
+    """Processes for the metrics: one per usable core where fork is safe to use (Linux), else 0 (in-process)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    return cores if cores > 1 and sys.platform == "linux" else 0
+
+
+_worker_task: tuple[AbsTaskRetrieval, ResultCache, int] | None = None
+
+
+def _adopt(task: AbsTaskRetrieval, cache: ResultCache, batch_size: int) -> None:
+    global _worker_task
+    _worker_task = (task, cache, batch_size)
+
+
+def _start_worker(task: AbsTaskRetrieval, cache: ResultCache, batch_size: int) -> None:
+    """A worker leaves Ctrl-C to the main process, which waits for the cells it already handed out."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _adopt(task, cache, batch_size)
+
+
+def _evaluate(search: RankedSearch) -> None:
+    task, cache, batch_size = _worker_task
+    mteb.evaluate(
+        search,
+        task,
+        cache=cache,
+        overwrite_strategy="always",  # only missing or stale cells reach this point
+        show_progress_bar=False,
+        encode_kwargs={"batch_size": batch_size, "show_progress_bar": False},
+    )
+
+
+class CellScorer:
+    """Writes each submitted cell's mteb result file (``submit``), in ``workers`` forked processes (0: here).
+    Use as a context manager: leaving it waits for every submitted cell and re-raises a worker's error."""
+
+    def __init__(self, task: AbsTaskRetrieval, cache: ResultCache, batch_size: int, workers: int) -> None:
+        self.pool: Pool | None = None
+        self.pending: deque[AsyncResult] = deque()
+        self.workers = workers
+        _adopt(task, cache, batch_size)
+        if workers:
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers never tokenize; silences its warning
+            self.pool = multiprocessing.get_context("fork").Pool(workers, _start_worker, (task, cache, batch_size))
+
+    def submit(self, search: RankedSearch) -> None:
+        if self.pool is None:
+            _evaluate(search)
+            return
+        while len(self.pending) > self.workers:  # one ranking queued per worker at most
+            self.pending.popleft().get()
+        self.pending.append(self.pool.apply_async(_evaluate, (search,)))
+
+    def __enter__(self) -> CellScorer:
+        return self
+
+    def __exit__(self, *error: object) -> None:
+        """Wait for every submitted cell, also when the caller stops on an error or an interrupt: a searched
+        cell's result file is still written. A failing worker stops the others."""
+        try:
+            while self.pending:
+                self.pending.popleft().get()
+        except BaseException:
+            if self.pool is not None:
+                self.pool.terminate()
+            raise
+        finally:
+            if self.pool is not None:
+                self.pool.close()
+                self.pool.join()
