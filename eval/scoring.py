@@ -30,7 +30,8 @@ from eval.search import CellSearch, ids_of
 
 class RankedSearch:
     """An mteb ``SearchProtocol`` model that answers with a ranking computed beforehand: ``ranking`` is
-    ``{query id: {doc id: score}}`` of the ``top_k`` best documents of every query mteb will ask for."""
+    ``{query id: {doc id: score}}`` of the ``top_k`` best documents of exactly the queries mteb asks for
+    (anything else is an error: the ranking must be the one mteb's own search would have produced)."""
 
     def __init__(self, meta: ModelMeta, ranking: dict[str, dict[str, float]], top_k: int) -> None:
         self.mteb_model_meta = meta
@@ -42,7 +43,7 @@ class RankedSearch:
 
     def search(self, queries: Any, *, top_k: int, **kwargs: Any) -> dict[str, dict[str, float]]:
         query_ids = ids_of(queries)
-        if top_k != self.top_k or not self.ranking.keys() >= set(query_ids):
+        if top_k != self.top_k or self.ranking.keys() != set(query_ids):
             asked = f"mteb asks for {len(query_ids)} to {top_k}"
             raise ValueError(f"ranked {len(self.ranking)} queries to depth {self.top_k}; {asked}")
         return {qid: self.ranking[qid] for qid in query_ids}

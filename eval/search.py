@@ -35,8 +35,9 @@ RESCORE_K = 100
 
 
 def ids_of(rows: Any) -> list[str]:
-    """The ``id`` column of an mteb corpus/queries Dataset (read from Arrow at once) or a plain mapping."""
-    column = rows.data.column("id").to_pylist() if hasattr(rows, "data") else rows["id"]
+    """The ``id`` column of an mteb corpus/queries Dataset (read from Arrow at once, after any ``select`` mteb
+    made, such as dropping unjudged queries) or a plain mapping."""
+    column = rows.with_format("arrow")["id"].to_pylist() if hasattr(rows, "with_format") else rows["id"]
     return [str(i) for i in column]
 
 
