@@ -5,8 +5,8 @@ queries mteb will ask for, and its ranking goes to ``mteb.evaluate`` as a ``Rank
 mteb's per-cell metric code (pytrec_eval, MRR, the abstention curves: about 0.35 s per cranfield cell) holds
 the GIL and costs more than the searches, so a 60-cell grid spends most of its scoring time there; workers
 share it out over the machine's cores. Workers are forked once the task is loaded, so they inherit the task
-and the result cache, and only rankings travel to them. At most one ranking per worker waits in the queue,
-so memory stays bounded on large tasks. Where fork is unavailable (Windows, macOS) or there is a single
+and the result cache, and only rankings travel to them. At most one ranking waits for a free worker, so
+memory stays bounded on large tasks. Where fork is unavailable (Windows, macOS) or there is a single
 core, the metrics are computed here, one cell after another.
 """
 
@@ -71,22 +71,7 @@ def metric_workers() -> int:
     return cores if cores > 1 and sys.platform == "linux" else 0
 
 
-_worker_task: tuple[AbsTaskRetrieval, ResultCache, int] | None = None
-
-
-def _adopt(task: AbsTaskRetrieval, cache: ResultCache, batch_size: int) -> None:
-    global _worker_task
-    _worker_task = (task, cache, batch_size)
-
-
-def _start_worker(task: AbsTaskRetrieval, cache: ResultCache, batch_size: int) -> None:
-    """A worker leaves Ctrl-C to the main process, which waits for the cells it already handed out."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _adopt(task, cache, batch_size)
-
-
-def _evaluate(search: RankedSearch) -> None:
-    task, cache, batch_size = _worker_task
+def _evaluate(search: RankedSearch, task: AbsTaskRetrieval, cache: ResultCache, batch_size: int) -> None:
     mteb.evaluate(
         search,
         task,
@@ -97,26 +82,41 @@ def _evaluate(search: RankedSearch) -> None:
     )
 
 
+_worker_job: tuple = ()  # a worker's (task, cache, batch size), set at its start
+
+
+def _start_worker(*job: object) -> None:
+    """A worker keeps the job it inherited and leaves Ctrl-C to the main process, which waits for the cells it
+    already handed out."""
+    global _worker_job
+    _worker_job = job
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _evaluate_in_worker(search: RankedSearch) -> None:
+    _evaluate(search, *_worker_job)
+
+
 class CellScorer:
     """Writes each submitted cell's mteb result file (``submit``), in ``workers`` forked processes (0: here).
     Use as a context manager: leaving it waits for every submitted cell and re-raises a worker's error."""
 
     def __init__(self, task: AbsTaskRetrieval, cache: ResultCache, batch_size: int, workers: int) -> None:
+        self.job = (task, cache, batch_size)
         self.pool: Pool | None = None
         self.pending: deque[AsyncResult] = deque()
         self.workers = workers
-        _adopt(task, cache, batch_size)
         if workers:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers never tokenize; silences its warning
-            self.pool = multiprocessing.get_context("fork").Pool(workers, _start_worker, (task, cache, batch_size))
+            self.pool = multiprocessing.get_context("fork").Pool(workers, _start_worker, self.job)
 
     def submit(self, search: RankedSearch) -> None:
         if self.pool is None:
-            _evaluate(search)
+            _evaluate(search, *self.job)
             return
-        while len(self.pending) > self.workers:  # one ranking queued per worker at most
+        while len(self.pending) > self.workers:  # every worker busy and one ranking waiting, no more
             self.pending.popleft().get()
-        self.pending.append(self.pool.apply_async(_evaluate, (search,)))
+        self.pending.append(self.pool.apply_async(_evaluate_in_worker, (search,)))
 
     def __enter__(self) -> CellScorer:
         return self
