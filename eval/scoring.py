@@ -107,7 +107,6 @@ class CellScorer:
         self.pending: deque[AsyncResult] = deque()
         self.workers = workers
         if workers:
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers never tokenize; silences its warning
             self.pool = multiprocessing.get_context("fork").Pool(workers, _start_worker, self.job)
 
     def submit(self, search: RankedSearch) -> None:
