@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 
 from eval.cost import CostStore, cell_cost, experiment_key, measure
 from eval.embeddings import load_or_encode
-from eval.scoring import CellScorer, metric_workers, ranked
-from eval.search import CellSearch, LayerScans
+from eval.scoring import CellScorer, judged_queries, metric_workers, ranked
+from eval.search import CellSearch, CorpusRows, LayerScans
 from eval.tasks import TaskTexts, resolve_task, task_texts
 from trainer.binary.heads import BinaryHeads
 from trainer.cell_vectors import code_heads, embedding_dim, num_layers
@@ -219,16 +219,19 @@ def run_grid(request: GridRequest, model: SentenceTransformer | None = None) -> 
                 dtype=request.store_dtype,
                 devices=devices,
             )
+            rows = CorpusRows.of(judged_queries(task, split)[0], embeddings)  # the corpus, indexed once per task
             scans = LayerScans(missing)  # a layer's float cells from one scan of it: score layer by layer
-            with CellScorer(task, cache, request.batch_size, metric_workers()) as scorer:
-                for cell in tqdm(
-                    sorted(missing, key=lambda c: c.layers), desc=f"Scoring cells of {task_name}", unit="cell"
-                ):
-                    search = CellSearch(cell, embeddings, metas[cell], heads, request.rescore, scans)
+            with (
+                tqdm(total=len(missing), desc=f"Scoring cells of {task_name}", unit="cell") as progress,
+                CellScorer(task, cache, request.batch_size, metric_workers(), progress) as scorer,
+            ):
+                for cell in sorted(missing, key=lambda c: c.layers):
+                    search = CellSearch(cell, embeddings, metas[cell], heads, request.rescore, scans, rows)
                     scorer.submit(ranked(search, task, split))
                     results.scored_cells += 1
             searches = {
-                keys[c]: CellSearch(c, embeddings, metas[c], heads=heads, rescore=request.rescore) for c in unmeasured
+                keys[c]: CellSearch(c, embeddings, metas[c], heads=heads, rescore=request.rescore, rows=rows)
+                for c in unmeasured
             }
             measure(costs, f"{task_name}-{split}", model, texts[task_name], searches, embeddings, prompts)
         results.scores[task_name] = {c: _split_scores(cache, metas[c], task, split) for c in cells}

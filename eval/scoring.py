@@ -24,6 +24,7 @@ import mteb
 from mteb.abstasks.retrieval import AbsTaskRetrieval
 from mteb.cache import ResultCache
 from mteb.models.model_meta import ModelMeta
+from tqdm.auto import tqdm
 
 from eval.search import CellSearch, ids_of
 
@@ -58,10 +59,12 @@ def judged_queries(task: AbsTaskRetrieval, split: str) -> tuple[Any, Any]:
 
 
 def ranked(search: CellSearch, task: AbsTaskRetrieval, split: str) -> RankedSearch:
-    """The cell's ranking of the task's judged queries, at the depth mteb asks (its largest k)."""
+    """The cell's ranking of the task's judged queries, at the depth mteb asks (its largest k). A search that
+    already holds the task's ``CorpusRows`` (shared by a grid's cells) is not indexed again."""
     corpus, queries = judged_queries(task, split)
     top_k = max(task.k_values)
-    search.index(corpus)
+    if search.rows is None:
+        search.index(corpus)
     return RankedSearch(search.mteb_model_meta, search.search(queries, top_k=top_k), top_k)
 
 
@@ -98,24 +101,34 @@ def _evaluate_in_worker(search: RankedSearch) -> None:
 
 
 class CellScorer:
-    """Writes each submitted cell's mteb result file (``submit``), in ``workers`` forked processes (0: here).
-    Use as a context manager: leaving it waits for every submitted cell and re-raises a worker's error."""
+    """Writes each submitted cell's mteb result file (``submit``), in ``workers`` forked processes (0: here),
+    and advances ``progress`` as each file is written. Use as a context manager: leaving it waits for every
+    submitted cell and re-raises a worker's error."""
 
-    def __init__(self, task: AbsTaskRetrieval, cache: ResultCache, batch_size: int, workers: int) -> None:
+    def __init__(
+        self, task: AbsTaskRetrieval, cache: ResultCache, batch_size: int, workers: int, progress: tqdm | None = None
+    ) -> None:
         self.job = (task, cache, batch_size)
         self.pool: Pool | None = None
         self.pending: deque[AsyncResult] = deque()
         self.workers = workers
+        self.progress = progress
         if workers:
             self.pool = multiprocessing.get_context("fork").Pool(workers, _start_worker, self.job)
 
     def submit(self, search: RankedSearch) -> None:
         if self.pool is None:
             _evaluate(search, *self.job)
+            self._scored()
             return
         while len(self.pending) > self.workers:  # every worker busy and one ranking waiting, no more
             self.pending.popleft().get()
-        self.pending.append(self.pool.apply_async(_evaluate_in_worker, (search,)))
+        self.pending.append(self.pool.apply_async(_evaluate_in_worker, (search,), callback=self._scored))
+
+    def _scored(self, _: object = None) -> None:
+        """One more cell's result file is written (called in the pool's result thread for workers)."""
+        if self.progress is not None:
+            self.progress.update()
 
     def __enter__(self) -> CellScorer:
         return self

@@ -18,6 +18,7 @@ Scores:
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -65,9 +66,35 @@ class LayerScans:
         return results[cell.dim]
 
 
+@dataclass(frozen=True)
+class CorpusRows:
+    """The documents each row of a task's document store stands for: ``first_id[row]``, and ``more_ids[row]``
+    for rows shared by several documents with the same text (a store holds each distinct text once)."""
+
+    first_id: list[str]
+    more_ids: dict[int, list[str]]
+
+    @classmethod
+    def of(cls, corpus: Any, embeddings: TaskEmbeddings) -> CorpusRows:
+        """The rows of ``corpus`` (an mteb corpus or ``{"id": [...]}``), which must cover every stored row."""
+        first: list[str | None] = [None] * embeddings.docs.rows
+        more: dict[int, list[str]] = {}
+        for doc_id in ids_of(corpus):
+            row = embeddings.doc_rows[doc_id]
+            if first[row] is None:
+                first[row] = doc_id
+            else:
+                more.setdefault(row, []).append(doc_id)
+        if None in first:
+            raise ValueError("the corpus to index lacks documents whose embeddings the store holds")
+        return cls(first, more)
+
+
 class CellSearch:
     """Retrieval with one cell's vectors; ``meta`` names the cell as an mteb experiment. Float cells of a grid
-    share ``scans`` (``LayerScans``); without it a float cell is scanned alone (what serving it costs)."""
+    share ``scans`` (``LayerScans``); without it a float cell is scanned alone (what serving it costs). A grid's
+    cells also share the task's ``rows`` (``CorpusRows``), so its corpus is indexed once, not once per cell;
+    without them ``index`` builds them."""
 
     def __init__(
         self,
@@ -77,6 +104,7 @@ class CellSearch:
         heads: Any | None = None,
         rescore: int = 0,
         scans: LayerScans | None = None,
+        rows: CorpusRows | None = None,
     ) -> None:
         self.cell = cell
         self.embeddings = embeddings
@@ -84,21 +112,10 @@ class CellSearch:
         self.heads = heads
         self.rescore = rescore
         self.scans = scans if scans is not None else LayerScans([cell])
-        self._first_id: list[str] = []
-        self._more_ids: dict[int, list[str]] = {}  # rows shared by several documents with the same text
+        self.rows = rows
 
     def index(self, corpus: Any, **kwargs: Any) -> None:
-        first: list[str | None] = [None] * self.embeddings.docs.rows
-        self._more_ids = {}
-        for doc_id in ids_of(corpus):
-            row = self.embeddings.doc_rows[doc_id]
-            if first[row] is None:
-                first[row] = doc_id
-            else:
-                self._more_ids.setdefault(row, []).append(doc_id)
-        if None in first:
-            raise ValueError("the corpus to index lacks documents whose embeddings the store holds")
-        self._first_id = first
+        self.rows = CorpusRows.of(corpus, self.embeddings)
 
     def search(self, queries: Any, *, top_k: int, **kwargs: Any) -> dict[str, dict[str, float]]:
         query_ids = ids_of(queries)
@@ -117,15 +134,18 @@ class CellSearch:
     def _hits(self, scores: Tensor, rows: Tensor, k: int) -> list[tuple[list[str], list[int], list[float]]]:
         """Per query, its ``k`` best (doc ids, rows, scores), best first: a row stands for every document with
         its text, so rows shared by several documents are expanded (rows are distinct texts)."""
+        if self.rows is None:
+            raise RuntimeError("search() before index(): the cell does not know which documents its rows are")
+        first_id, more_ids = self.rows.first_id, self.rows.more_ids
         hits = []
         for row_list, score_list in zip(rows.tolist(), scores.tolist(), strict=True):
-            if self._more_ids.keys().isdisjoint(row_list):
-                hits.append(([self._first_id[row] for row in row_list], row_list, score_list))
+            if more_ids.keys().isdisjoint(row_list):
+                hits.append(([first_id[row] for row in row_list], row_list, score_list))
                 continue
             expanded = [
                 (doc_id, row, score)
                 for row, score in zip(row_list, score_list, strict=True)
-                for doc_id in (self._first_id[row], *self._more_ids.get(row, ()))
+                for doc_id in (first_id[row], *more_ids.get(row, ()))
             ][:k]
             hits.append(tuple(map(list, zip(*expanded, strict=True))))
         return hits

@@ -11,7 +11,7 @@ from test_eval_helpers import make_beir_folder, make_tiny_model
 import eval.runner
 from eval.runner import GridRequest, cell_meta, run_grid
 from eval.scoring import CellScorer, RankedSearch, judged_queries
-from eval.search import ids_of
+from eval.search import CorpusRows, ids_of
 from eval.tasks import resolve_task, task_texts
 from trainer.grid import Cell, Grid
 
@@ -84,3 +84,49 @@ def test_grid_scores_are_the_same_with_and_without_worker_processes(tiny, tmp_pa
         assert len(list((output / "results").rglob("beir.json"))) == 12
     assert comparable(scores[0]) == comparable(scores[2])
     assert len({cell_scores["ndcg_at_10"] for cell_scores in scores[0].values()}) > 1  # cells differ
+
+
+class FileCountingProgress:
+    """A progress bar that records, at each update, how many cells' result files the cache holds."""
+
+    def __init__(self, cache: ResultCache, task_name: str, metas: list) -> None:
+        self.cache, self.task_name, self.metas = cache, task_name, metas
+        self.written_at_update: list[int] = []
+
+    def update(self, n: int = 1) -> None:
+        written = sum(self.cache.load_task_result(self.task_name, meta) is not None for meta in self.metas)
+        self.written_at_update.append(written)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_progress_counts_cells_whose_metrics_are_written(tiny, tmp_path, workers):
+    _, beir = tiny
+    task, split = resolve_task(f"{beir}:test")
+    task_texts(task, split)
+    corpus, queries = judged_queries(task, split)
+    first_doc = ids_of(corpus)[0]
+    cache = ResultCache(tmp_path / "results")
+    metas = [cell_meta("m", "r", Cell(layer, 8), 0, "trained") for layer in (1, 2, 3, 4)]
+    progress = FileCountingProgress(cache, task.metadata.name, metas)
+    with CellScorer(task, cache, 64, workers, progress) as scorer:
+        for meta in metas:
+            scorer.submit(RankedSearch(meta, {q: {first_doc: 1.0} for q in queries["id"]}, 1000))
+    # one update per cell, each after its file was written (a bar that counted submissions would run ahead)
+    assert len(progress.written_at_update) == len(metas)
+    assert all(written >= i for i, written in enumerate(progress.written_at_update, start=1))
+
+
+def test_a_grid_indexes_each_corpus_once(tiny, tmp_path, monkeypatch):
+    checkpoint, beir = tiny
+    built = []
+    original = CorpusRows.of.__func__
+
+    def counting(cls, corpus, embeddings):
+        built.append(len(ids_of(corpus)))
+        return original(cls, corpus, embeddings)
+
+    monkeypatch.setattr(CorpusRows, "of", classmethod(counting))
+    grid = Grid.from_spec(layers=[1, 3], dims=[8, 32], bits=[1, 32])
+    monkeypatch.setattr(eval.runner, "metric_workers", lambda: 0)
+    scores = run_grid(GridRequest(str(checkpoint), [f"{beir}:test"], grid, tmp_path / "grid")).scores["beir"]
+    assert len(scores) == 8 and len(built) == 1  # 8 cells searched and timed, the corpus indexed once
