@@ -50,15 +50,19 @@ def test_ranked_search_answers_only_the_ranking_it_holds():
         search.search({"id": ["q1"]}, top_k=10)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_a_failing_cell_reaches_the_caller_and_earlier_cells_are_kept(tiny, tmp_path, workers):
-    _, beir = tiny
+def loaded_task(beir, tmp_path) -> tuple:
+    """The tiny BEIR task loaded as the grid loads it, an empty result cache, and a ranking of every judged
+    query that returns the first document."""
     task, split = resolve_task(f"{beir}:test")
     task_texts(task, split)
     corpus, queries = judged_queries(task, split)
     first_doc = ids_of(corpus)[0]
-    cache = ResultCache(tmp_path / "results")
-    ranking = {q: {first_doc: 1.0} for q in queries["id"]}
+    return task, ResultCache(tmp_path / "results"), {q: {first_doc: 1.0} for q in queries["id"]}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_failing_cell_reaches_the_caller_and_earlier_cells_are_kept(tiny, tmp_path, workers):
+    task, cache, ranking = loaded_task(tiny[1], tmp_path)
     good = RankedSearch(cell_meta("m", "r", Cell(1, 8), 0, "trained"), ranking, 1000)
     bad = RankedSearch(cell_meta("m", "r", Cell(2, 8), 0, "trained"), {"not a query": {}}, 1000)
     with pytest.raises(ValueError, match="ranked 1 queries"), CellScorer(task, cache, 64, workers) as scorer:
@@ -100,17 +104,12 @@ class FileCountingProgress:
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_progress_counts_cells_whose_metrics_are_written(tiny, tmp_path, workers):
-    _, beir = tiny
-    task, split = resolve_task(f"{beir}:test")
-    task_texts(task, split)
-    corpus, queries = judged_queries(task, split)
-    first_doc = ids_of(corpus)[0]
-    cache = ResultCache(tmp_path / "results")
+    task, cache, ranking = loaded_task(tiny[1], tmp_path)
     metas = [cell_meta("m", "r", Cell(layer, 8), 0, "trained") for layer in (1, 2, 3, 4)]
     progress = FileCountingProgress(cache, task.metadata.name, metas)
     with CellScorer(task, cache, 64, workers, progress) as scorer:
         for meta in metas:
-            scorer.submit(RankedSearch(meta, {q: {first_doc: 1.0} for q in queries["id"]}, 1000))
+            scorer.submit(RankedSearch(meta, ranking, 1000))
     # one update per cell, each after its file was written (a bar that counted submissions would run ahead)
     assert len(progress.written_at_update) == len(metas)
     assert all(written >= i for i, written in enumerate(progress.written_at_update, start=1))
