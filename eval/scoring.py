@@ -59,12 +59,10 @@ def judged_queries(task: AbsTaskRetrieval, split: str) -> tuple[Any, Any]:
 
 
 def ranked(search: CellSearch, task: AbsTaskRetrieval, split: str) -> RankedSearch:
-    """The cell's ranking of the task's judged queries, at the depth mteb asks (its largest k). A search that
-    already holds the task's ``CorpusRows`` (shared by a grid's cells) is not indexed again."""
-    corpus, queries = judged_queries(task, split)
+    """The cell's ranking of the task's judged queries, at the depth mteb asks (its largest k); ``search`` holds
+    the task's ``CorpusRows`` (the grid indexes each corpus once and shares it)."""
+    _, queries = judged_queries(task, split)
     top_k = max(task.k_values)
-    if search.rows is None:
-        search.index(corpus)
     return RankedSearch(search.mteb_model_meta, search.search(queries, top_k=top_k), top_k)
 
 
