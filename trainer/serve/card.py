@@ -28,6 +28,14 @@ TAGS = [
     "binary-embeddings",
     "elastic-embeddings",
 ]
+WISE_FT_CITATION = """@inproceedings{wortsman2022wiseft,
+  title     = {Robust fine-tuning of zero-shot models},
+  author    = {Wortsman, Mitchell and Ilharco, Gabriel and Kim, Jong Wook and Li, Mike and Kornblith, Simon and
+               Roelofs, Rebecca and Gontijo Lopes, Raphael and Hajishirzi, Hannaneh and Farhadi, Ali and
+               Namkoong, Hongseok and Schmidt, Ludwig},
+  booktitle = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition},
+  year      = {2022}
+}"""
 SBERT_CITATION = """@inproceedings{reimers-2019-sentence-bert,
   title     = {Sentence-BERT: Sentence Embeddings using Siamese BERT-Networks},
   author    = {Reimers, Nils and Gurevych, Iryna},
@@ -128,11 +136,13 @@ def _small_cell(manifest: dict[str, Any], servable: list[dict[str, Any]]) -> Cel
 
 
 def _citations(manifest: dict[str, Any]) -> str:
-    """BibTeX of sentence-transformers and of the training loss (its ``citation``), as sentence-transformers'
-    cards list them."""
+    """BibTeX of sentence-transformers, of the training loss (its ``citation``) and of WiSE-FT when the recipe
+    merged the weights, as sentence-transformers' cards list them."""
     parts = ["### BibTeX", "#### Sentence Transformers", f"```bibtex\n{SBERT_CITATION}\n```"]
     if manifest.get("citation"):
         parts += [f"#### {manifest.get('loss_class', 'Training loss')}", f"```bibtex\n{manifest['citation']}\n```"]
+    if (manifest.get("recipe") or {}).get("wise_ft"):
+        parts += ["#### WiSE-FT", f"```bibtex\n{WISE_FT_CITATION}\n```"]
     return "\n\n".join(parts)
 
 

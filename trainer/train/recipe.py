@@ -515,6 +515,25 @@ def check_evaluation(recipe: Recipe, trained: Grid, num_layers: int, embedding_d
 
 
 @dataclass
+class WiseFtConfig:
+    """``wise_ft``: after training, move the encoder's weights back toward the base model's,
+    ``theta = alpha * theta_tuned + (1 - alpha) * theta_base`` (Wortsman et al. 2022, "Robust fine-tuning of
+    zero-shot models", WiSE-FT; ``trainer.train.wise_ft``). ``alpha`` is the share of the fine-tuned weights:
+    1 keeps them as trained, smaller values keep more of the base model, which the fine-tuning data can pull
+    too far (here: the last layer's cells over-fit long before the earlier layers' cells stop gaining).
+    """
+
+    alpha: float
+
+    def __post_init__(self) -> None:
+        alpha = self.alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
+            raise UserError(
+                f"wise_ft.alpha: {alpha!r} is not valid; give the share of the fine-tuned weights, a number in (0, 1]"
+            )
+
+
+@dataclass
 class Recipe:
     model: ModelConfig
     data: DataConfig
@@ -523,6 +542,7 @@ class Recipe:
     binary: BinaryConfig | None = None
     distill: DistillConfig | None = None
     evaluation: EvaluationConfig | None = None
+    wise_ft: WiseFtConfig | None = None
     path: str = ""
 
     @property
@@ -683,7 +703,10 @@ def parse_recipe(raw: dict[str, Any], path: str = "") -> Recipe:
     label_free = [s.label for s in data.train if s.texts]
     if label_free and distill is None and (binary is None or binary.mode != "head-only"):
         raise UserError(f"data.train: {label_free} are label-free texts; they need a distill section to train on")
-    recipe = Recipe(model, data, loss, training, binary, distill, evaluation, path)
+    wise_ft = build_dataclass(WiseFtConfig, raw["wise_ft"], "wise_ft") if raw.get("wise_ft") is not None else None
+    if wise_ft is not None and binary is not None and binary.mode == "head-only":
+        raise UserError("wise_ft: binary.mode head-only keeps the encoder frozen, so there is nothing to merge")
+    recipe = Recipe(model, data, loss, training, binary, distill, evaluation, wise_ft, path)
     num_layers, embedding_dim = model_shape(model.name, model.revision, key="model.name")
     grid = loss.grid(num_layers, embedding_dim)
     if binary is not None:

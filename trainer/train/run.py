@@ -32,6 +32,7 @@ from trainer.train.losses.binary import BinaryCodeLoss, EmbeddingToEmbeddingLoss
 from trainer.train.losses.distill import DistillationLoss
 from trainer.train.recipe import ModelConfig, Recipe, load_recipe, training_arguments
 from trainer.train.summary import log_summary, run_summary
+from trainer.train.wise_ft import interpolate_with_base
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +208,12 @@ def check_launch(args: SentenceTransformerTrainingArguments) -> None:
         logger.warning("accelerate launch: FSDP does not shard on CPU; the processes train with DDP over gloo")
 
 
+def shards_weights(args: SentenceTransformerTrainingArguments) -> bool:
+    """Whether each process holds only a shard of the weights: FSDP on accelerators, DeepSpeed ZeRO-3."""
+    fsdp = bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    return (fsdp and args.device.type != "cpu") or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+
+
 def load_model(config: ModelConfig) -> SentenceTransformer:
     """The student: a sentence-transformers model, or a last-token embedder of a plain decoder LLM
     (``trainer.decoder``); with the recipe's prompts, and LoRA adapters when ``model.lora`` is set."""
@@ -229,6 +236,8 @@ def train(recipe: Recipe) -> SentenceTransformerTrainer:
     resume = resolve_resume(recipe)
     args = training_arguments(recipe.training)  # sets up the processes of `accelerate launch`
     check_launch(args)
+    if recipe.wise_ft is not None and shards_weights(args):
+        raise UserError("wise_ft: not supported when FSDP or DeepSpeed ZeRO-3 shard the weights; train with DDP")
     prepare_output_dir(recipe, resume, args.distributed_state.is_main_process)
     train_data = load_sources(recipe.data.train, "data.train")
     eval_data = load_sources(recipe.data.eval, "data.eval") if recipe.data.eval else None
@@ -271,6 +280,8 @@ def train(recipe: Recipe) -> SentenceTransformerTrainer:
     if resume:
         callback.load(resume)
     trainer.train(resume_from_checkpoint=resume)
+    if recipe.wise_ft is not None:
+        interpolate_with_base(model, load_model(recipe.model), recipe.wise_ft.alpha)
     trainer.save_model(str(recipe.output_dir))
     if trainer.is_world_process_zero():
         callback.save(recipe.output_dir)
