@@ -171,6 +171,7 @@ def export(checkpoint: str = "ckpt", out: str = "exported") -> list[str]:
     return ["trainer", "export", checkpoint, "--cell", "L2-D8", "--out", out]
 
 
+WISE_FT = ["trainer", "wise-ft", "ckpt", "--out", "merged"]
 PUBLISH = ["trainer", "publish", "ckpt", "--repo-id", "my-org/tiny", "--dry-run", "dry"]
 REPO_ID = ["trainer", "publish", "ckpt", "--dry-run", "dry", "--repo-id"]
 
@@ -305,6 +306,14 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("export_out_is_file", export(out="afile.txt"), ["is a file"]),
     ("export_out_not_empty", export(out="full"), ["not empty"]),
     ("export_out_not_writable", export(out="/proc/x"), ["/proc"]),
+    # trainer wise-ft
+    ("wise_ft_cli_alpha_zero", [*WISE_FT, "--alpha", "0", "--base", "tiny"], ["--alpha", "0.0", "(0, 1]"]),
+    ("wise_ft_cli_alpha_text", [*WISE_FT, "--alpha", "half", "--base", "tiny"], ["--alpha", "'half'"]),
+    ("wise_ft_cli_no_alpha", [*WISE_FT, "--base", "tiny"], ["--alpha"]),
+    ("wise_ft_cli_out_not_empty", ["trainer", "wise-ft", "ckpt", "--alpha", "0.5", "--out", "full"], ["not empty"]),
+    ("wise_ft_cli_base_unknown", [*WISE_FT, "--alpha", "0.5"], ["--base", "tiny-bert"]),
+    ("wise_ft_cli_no_manifest", ["trainer", "wise-ft", "tiny", "--alpha", "0.5", "--out", "merged"], ["--base"]),
+    ("wise_ft_cli_ckpt_missing", ["trainer", "wise-ft", "nope/", "--alpha", "0.5", "--out", "m"], ["'nope/'"]),
     (
         "export_ckpt_missing",
         export("nope/"),
@@ -379,6 +388,7 @@ def check_one_error_line(code: int | None, stdout: str, stderr: str, expected: l
 def test_the_table_covers_every_command_line_and_at_least_60_inputs():
     commands = {tuple(argv[:2]) for _, argv, _ in CASES}
     assert {("trainer", "train"), ("eval", "grid"), ("trainer", "export"), ("trainer", "publish")} <= commands
+    assert ("trainer", "wise-ft") in commands
     assert len(CASES) >= 60 and len({name for name, _, _ in CASES}) == len(CASES)
 
 

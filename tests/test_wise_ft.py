@@ -12,9 +12,10 @@ from sentence_transformers import SentenceTransformer
 from trainer.errors import UserError
 from trainer.lora import add_lora, merge_lora
 from trainer.serve.card import _citations
+from trainer.serve.model import load
 from trainer.train.recipe import load_recipe
 from trainer.train.run import train_from_recipe
-from trainer.train.wise_ft import interpolate_with_base
+from trainer.train.wise_ft import interpolate_with_base, wise_ft_checkpoint
 
 LORA = {"r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ["query", "value"]}
 
@@ -86,6 +87,7 @@ def _recipe(tiny_model_path, tmp_path, out, alpha: float | None) -> str:
         "model": {"name": str(tiny_model_path)},
         "data": {"train": [{"path": str(pairs)}]},
         "loss": {"type": "grid", "layers": [2, 4], "dims": [16, 32]},
+        "binary": {"bits": [1, 2], "hidden": 8},
         "training": {
             "output_dir": str(out),
             "max_steps": 4,
@@ -103,10 +105,18 @@ def _recipe(tiny_model_path, tmp_path, out, alpha: float | None) -> str:
     return str(path)
 
 
-def test_a_trained_run_saves_the_interpolation_of_the_same_run_without_it(tiny_model_path, tmp_path):
+@pytest.fixture(scope="module")
+def runs(tiny_model_path, tmp_path_factory):
+    """The same 4-step run trained twice: as is, and with ``wise_ft.alpha: 0.25``."""
+    tmp_path = tmp_path_factory.mktemp("wise-ft-runs")
     plain_out, merged_out = tmp_path / "plain", tmp_path / "merged"
     train_from_recipe(_recipe(tiny_model_path, tmp_path, plain_out, None))
     train_from_recipe(_recipe(tiny_model_path, tmp_path, merged_out, 0.25))
+    return tmp_path, plain_out, merged_out
+
+
+def test_a_trained_run_saves_the_interpolation_of_the_same_run_without_it(tiny_model_path, runs):
+    tmp_path, plain_out, merged_out = runs
     trained = SentenceTransformer(str(plain_out), device="cpu").state_dict()
     merged = SentenceTransformer(str(merged_out), device="cpu").state_dict()
     base = SentenceTransformer(str(tiny_model_path), device="cpu").state_dict()
@@ -122,3 +132,17 @@ def test_the_model_card_cites_wise_ft_only_when_the_recipe_merged():
     plain = _citations({"recipe": {"wise_ft": None}})
     assert "Robust fine-tuning of zero-shot models" in merged and "Sentence-BERT" in merged
     assert "Robust fine-tuning" not in plain and "Sentence-BERT" in plain
+
+
+def test_wise_ft_after_training_writes_what_training_with_wise_ft_writes(runs, tmp_path):
+    _, plain_out, merged_out = runs
+    out = wise_ft_checkpoint(plain_out, 0.25, tmp_path / "after")
+    after, during = load(out), load(merged_out)
+    for name, value in during.model.state_dict().items():
+        torch.testing.assert_close(after.model.state_dict()[name], value, atol=1e-6, rtol=1e-5, msg=name)
+    for name, value in load(plain_out).heads.state_dict().items():  # the heads stay as trained
+        assert torch.equal(after.heads.state_dict()[name], value), name
+    assert after.manifest["recipe"]["wise_ft"] == {"alpha": 0.25} and after.manifest["wise_ft_of"] == str(plain_out)
+    with pytest.raises(UserError, match="already merged"):
+        wise_ft_checkpoint(out, 0.5, tmp_path / "twice")
+    assert not (tmp_path / "twice").exists()

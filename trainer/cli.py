@@ -1,4 +1,4 @@
-"""Command line: ``python -m trainer {train,export,publish} ...`` (console script ``elastic-train``)."""
+"""Command line: ``python -m trainer {train,export,wise-ft,publish} ...`` (console script ``elastic-train``)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,12 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--cell", required=True, help="the cell, e.g. L4-D128-B1 (B32 or no -B = float)")
     export.add_argument("--out", required=True, help="new folder for the exported model")
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    wise = commands.add_parser("wise-ft", help="write a checkpoint pulled toward its starting weights (WiSE-FT)")
+    wise.add_argument("checkpoint", help="checkpoint folder or hub id written by `train`")
+    wise.add_argument("--alpha", type=float, required=True, help="share of the fine-tuned weights, in (0, 1]")
+    wise.add_argument("--out", required=True, help="new folder for the merged checkpoint")
+    wise.add_argument("--base", help="the model training started from (default: the manifest's base model)")
+    wise.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     publish = commands.add_parser("publish", help="upload a checkpoint and its grid model card to the Hub")
     publish.add_argument("checkpoint", help="checkpoint folder written by `train`")
     publish.add_argument("--repo-id", required=True, help="Hub repository, e.g. my-org/minilm-elastic")
@@ -41,6 +47,10 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> None:
         from trainer.serve.export import export_cell
 
         print(f"wrote {export_cell(args.checkpoint, args.cell, args.out, args.overwrite)}")
+    elif args.command == "wise-ft":
+        from trainer.train.wise_ft import wise_ft_checkpoint
+
+        print(f"wrote {wise_ft_checkpoint(args.checkpoint, args.alpha, args.out, args.base, args.overwrite)}")
     elif args.command == "publish":
         from trainer.serve.publish import publish
 
@@ -59,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     resume = {
         "train": "checkpoints written so far are kept; rerun with --resume_from_checkpoint true to continue",
         "export": "the output folder may be incomplete; rerun with --overwrite",
+        "wise-ft": "the output folder may be incomplete; rerun with --overwrite",
         "publish": "nothing was uploaded unless the upload had finished",
     }[args.command]
     run_cli(lambda: _dispatch(args, overrides), on_interrupt=resume)

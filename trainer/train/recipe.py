@@ -526,11 +526,13 @@ class WiseFtConfig:
     alpha: float
 
     def __post_init__(self) -> None:
-        alpha = self.alpha
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
-            raise UserError(
-                f"wise_ft.alpha: {alpha!r} is not valid; give the share of the fine-tuned weights, a number in (0, 1]"
-            )
+        check_alpha(self.alpha, "wise_ft.alpha")
+
+
+def check_alpha(alpha: object, key: str) -> None:
+    """A WiSE-FT share of the fine-tuned weights: a number in (0, 1]."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
+        raise UserError(f"{key}: {alpha!r} is not valid; give the share of the fine-tuned weights, a number in (0, 1]")
 
 
 @dataclass

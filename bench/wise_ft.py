@@ -1,0 +1,57 @@
+"""WiSE-FT of finished flagship runs: each run's encoder pulled toward its starting weights, then the whole grid.
+
+    python bench/wise_ft.py --runs runs/steps1000/ours/seed42/model runs/steps1000/ours/seed43/model \
+        --alphas 0.7 0.85 --out runs/wise --name wise-ft-steps1000
+
+For each run and ``alpha`` this writes ``alpha * trained + (1 - alpha) * starting weights`` (``python -m
+trainer wise-ft``, the recipe's ``wise_ft.alpha`` applied after training) into ``<out>/<seed folder>/alpha-<alpha>``
+and scores it with ``python -m eval grid`` as ``bench/flagship.py`` does (layers 1..6 x dims 32..384, float and
+1/2/4-bit codes, cranfield/cisi/npl test, 128 tokens). Finished evaluations are reused. Writes
+``bench/results/<name>.json``: cell -> mean nDCG@10 over the three test sets, per run and alpha.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from bench.common import RESULTS, provenance
+from bench.flagship import evaluate, scores
+from trainer.train.wise_ft import wise_ft_checkpoint
+
+GRID = ["--layers", "1", "2", "3", "4", "5", "6", "--dims", "32", "64", "128", "256", "384"]
+TASKS = [f"../shared/data/{name}:test" for name in ("cranfield", "cisi", "npl")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="+", type=Path, required=True, help="trained models (<seed folder>/model)")
+    parser.add_argument("--alphas", nargs="+", type=float, required=True)
+    parser.add_argument("--out", type=Path, default=Path("runs/wise"))
+    parser.add_argument("--name", default="wise-ft")
+    args = parser.parse_args()
+    for run in args.runs:
+        if not (run / "modules.json").is_file() or not (run.parent / "recipe.yaml").is_file():
+            sys.exit(f"error: --runs: {run} is not a trained model beside its recipe.yaml")
+    results = {}
+    for run in args.runs:
+        for alpha in args.alphas:
+            folder = args.out / run.parent.name / f"alpha-{alpha:g}"
+            model = folder / "model"
+            if not (model / "modules.json").is_file():
+                wise_ft_checkpoint(run, alpha, model)
+            grid = evaluate(str(model), folder / "eval", folder / "log.txt", GRID, TASKS, "trained")
+            results.setdefault(str(run), {})[f"{alpha:g}"] = scores(grid)
+    payload = {**provenance(), "alphas": args.alphas, "results": results}
+    target = RESULTS / f"{args.name}.json"
+    target.write_text(json.dumps(payload, indent=1) + "\n")
+    print(yaml.safe_dump({run: {a: s["L6-D384-B32"] for a, s in r.items()} for run, r in results.items()}))
+    print(f"wrote {target}")
+
+
+if __name__ == "__main__":
+    main()
