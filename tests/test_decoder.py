@@ -32,6 +32,7 @@ from trainer.train.losses import ElasticLoss, InfoNCELoss, Matryoshka2dLoss
 from trainer.train.recipe import ModelConfig, load_recipe, parse_recipe
 from trainer.train.run import load_model, train
 from trainer.train.teacher import load_teacher
+from trainer.train.wise_ft import wise_ft_checkpoint
 
 TEXTS = ["lift of a wing", "boundary layer transition at high speed over a flat plate", "heat", "shock tubes"]
 SHORT_PROMPTS = {"query": "Query: ", "document": ""}
@@ -243,6 +244,20 @@ def test_an_adapter_checkpoint_serves_cells_and_merges_into_plain_weights(traine
     assert "layers.0.self_attn.q_proj.weight" in names and not any("lora" in n or "base_" in n for n in names)
     np.testing.assert_allclose(load(tmp_path / "merged").at("L2-D32").encode_query(TEXTS), served, atol=1e-5)
     np.testing.assert_array_equal(elastic.at("L2-D32-B1").encode_document(TEXTS).packed, codes.packed)
+
+
+def test_wise_ft_of_an_adapter_checkpoint_scales_its_merged_update(trained, decoder_path, tmp_path):
+    _, out = trained
+    merged = load(out).model
+    merge_lora(merged)
+    start = load_model(ModelConfig(name=str(decoder_path))).state_dict()
+    result = wise_ft_checkpoint(out, 0.5, tmp_path / "wise")
+    assert not (result / ADAPTER_CONFIG).exists() and (result / "binary_heads" / "config.json").is_file()
+    weights = load(result).model.state_dict()
+    assert set(weights) == set(start) and any(not torch.equal(merged.state_dict()[n], start[n]) for n in start)
+    for name, value in weights.items():
+        expected = start[name] + 0.5 * (merged.state_dict()[name] - start[name])
+        torch.testing.assert_close(value, expected, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_publishing_an_adapter_checkpoint_uploads_merged_weights(trained, tmp_path):

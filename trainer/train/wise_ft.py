@@ -38,8 +38,9 @@ def interpolate_with_base(tuned: nn.Module, base: nn.Module, alpha: float) -> No
         if name not in base_state or base_state[name].shape != value.shape:
             shape = tuple(value.shape)
             raise UserError(f"wise_ft: the base model has no weight {name!r} of shape {shape} to merge with")
-        start = base_state[name].to(device=value.device, dtype=torch.float32)
-        merged[name] = (alpha * value.float() + (1 - alpha) * start).to(value.dtype)
+        start = base_state[name].to(device=value.device)
+        if not torch.equal(start, value):  # frozen weights stay bit for bit
+            merged[name] = (alpha * value.float() + (1 - alpha) * start.float()).to(value.dtype)
     tuned.load_state_dict(merged, strict=False)
 
 
