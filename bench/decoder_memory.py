@@ -34,7 +34,7 @@ from trainer.grid import Cell, CellSelection, Grid
 from trainer.train.losses import ElasticLoss, InfoNCELoss, Matryoshka2dLoss
 from trainer.train.losses.binary import BinaryCodeLoss
 from trainer.train.recipe import ModelConfig
-from trainer.train.run import load_model
+from trainer.train.student import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}

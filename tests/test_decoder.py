@@ -30,7 +30,8 @@ from trainer.serve.model import load
 from trainer.serve.publish import publish
 from trainer.train.losses import ElasticLoss, InfoNCELoss, Matryoshka2dLoss
 from trainer.train.recipe import ModelConfig, load_recipe, parse_recipe
-from trainer.train.run import load_model, train
+from trainer.train.run import train
+from trainer.train.student import load_model
 from trainer.train.teacher import load_teacher
 from trainer.train.wise_ft import wise_ft_checkpoint
 

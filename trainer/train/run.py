@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -20,17 +19,17 @@ from transformers.trainer import TRAINER_STATE_NAME
 
 from trainer.binary.heads import BinaryHeads
 from trainer.cell_vectors import embedding_dim, num_layers
-from trainer.decoder import column_prompts, decoder_embedder, needs_decoder_modules
+from trainer.decoder import column_prompts
 from trainer.errors import UserError
 from trainer.grid import Cell, CellSelection, Grid
-from trainer.lora import add_lora
 from trainer.manifest import write_manifest
 from trainer.train.data import load_sources, text_columns
 from trainer.train.head_only import CHECKPOINT_STATE, train_heads_only
 from trainer.train.losses import ElasticLoss, InfoNCELoss, Matryoshka2dLoss
 from trainer.train.losses.binary import BinaryCodeLoss, EmbeddingToEmbeddingLoss
 from trainer.train.losses.distill import DistillationLoss
-from trainer.train.recipe import ModelConfig, Recipe, load_recipe, training_arguments
+from trainer.train.recipe import Recipe, load_recipe, training_arguments
+from trainer.train.student import load_model
 from trainer.train.summary import log_summary, run_summary
 from trainer.train.wise_ft import interpolate_with_base
 
@@ -212,24 +211,6 @@ def shards_weights(args: SentenceTransformerTrainingArguments) -> bool:
     """Whether each process holds only a shard of the weights: FSDP on accelerators, DeepSpeed ZeRO-3."""
     fsdp = bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
     return (fsdp and args.device.type != "cpu") or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
-
-
-def load_model(config: ModelConfig) -> SentenceTransformer:
-    """The student: a sentence-transformers model, or a last-token embedder of a plain decoder LLM
-    (``trainer.decoder``); with the recipe's prompts, and LoRA adapters when ``model.lora`` is set."""
-    if Path(config.name).is_dir():  # absolute, so that adapter checkpoints find their base model from anywhere
-        config = dataclasses.replace(config, name=str(Path(config.name).resolve()))
-    if needs_decoder_modules(config):
-        model = decoder_embedder(config)
-    else:
-        model = SentenceTransformer(config.name, revision=config.revision, trust_remote_code=config.trust_remote_code)
-    if config.max_seq_length:
-        model.max_seq_length = config.max_seq_length
-    if config.prompts is not None:
-        model.prompts = {**model.prompts, **config.prompts}
-    if config.lora is not None:
-        add_lora(model, **dataclasses.asdict(config.lora))
-    return model
 
 
 def train(recipe: Recipe) -> SentenceTransformerTrainer:

@@ -56,7 +56,7 @@ def wise_ft_checkpoint(
     from trainer.serve.checkpoint import model_shape, resolve_model
     from trainer.serve.export import check_output_folder
     from trainer.serve.model import load
-    from trainer.train.run import load_model
+    from trainer.train.student import load_model
 
     out = Path(out)
     check_alpha(alpha, "--alpha")
