@@ -20,11 +20,8 @@ from pathlib import Path
 import yaml
 
 from bench.common import RESULTS, provenance
-from bench.flagship import evaluate, scores
+from bench.flagship import GRID, TASKS, evaluate, scores
 from trainer.train.wise_ft import wise_ft_checkpoint
-
-GRID = ["--layers", "1", "2", "3", "4", "5", "6", "--dims", "32", "64", "128", "256", "384"]
-TASKS = [f"../shared/data/{name}:test" for name in ("cranfield", "cisi", "npl")]
 
 
 def main() -> None:
@@ -35,8 +32,9 @@ def main() -> None:
     parser.add_argument("--name", default="wise-ft")
     args = parser.parse_args()
     for run in args.runs:
-        if not (run / "modules.json").is_file() or not (run.parent / "recipe.yaml").is_file():
-            sys.exit(f"error: --runs: {run} is not a trained model beside its recipe.yaml")
+        if not (run / "modules.json").is_file():
+            print(f"error: --runs: {run} is not a trained model folder", file=sys.stderr)
+            sys.exit(2)
     results = {}
     for run in args.runs:
         for alpha in args.alphas:
