@@ -65,6 +65,8 @@ def test_lora_interpolation_is_the_interpolation_of_the_merged_weights(tiny_mode
     merged_tuned = copy.deepcopy(tuned)
     merge_lora(merged_tuned)
     interpolate_with_base(tuned, fresh, alpha=0.4)
+    frozen = {n: v for n, v in fresh.state_dict().items() if "lora_" not in n}
+    assert all(torch.equal(tuned.state_dict()[n], v) for n, v in frozen.items())  # bit for bit
     merge_lora(tuned)
     plain = SentenceTransformer(str(tiny_model_path), device="cpu").state_dict()
     for name, value in tuned.state_dict().items():
