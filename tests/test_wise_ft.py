@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 import yaml
 from sentence_transformers import SentenceTransformer
 
+from tests.conftest import MINILM
 from trainer.errors import UserError
 from trainer.lora import add_lora, merge_lora
+from trainer.manifest import MANIFEST_NAME
 from trainer.serve.card import _citations
 from trainer.serve.model import load
 from trainer.train.recipe import load_recipe
@@ -148,3 +151,17 @@ def test_wise_ft_after_training_writes_what_training_with_wise_ft_writes(runs, t
     with pytest.raises(UserError, match="already merged"):
         wise_ft_checkpoint(out, 0.5, tmp_path / "twice")
     assert not (tmp_path / "twice").exists()
+
+
+def test_another_base_is_loaded_at_its_own_revision_not_the_recipes(tmp_path):
+    """The recipe pins the revision of the model training started from; a --base naming another model must
+    not inherit it (offline, a pinned revision MiniLM's cache does not hold would fail to load)."""
+    checkpoint = tmp_path / "checkpoint"
+    SentenceTransformer(MINILM, device="cpu").save(str(checkpoint))
+    manifest = {"base_model": "acme/minilm-fork", "recipe": {"model": {"name": "acme/minilm-fork", "revision": "v9"}}}
+    (checkpoint / MANIFEST_NAME).write_text(json.dumps(manifest))
+    out = wise_ft_checkpoint(checkpoint, 0.5, tmp_path / "merged", base=MINILM)
+    merged, start = load(out).model.state_dict(), SentenceTransformer(MINILM, device="cpu").state_dict()
+    for name, value in start.items():  # the checkpoint is MiniLM itself: the merge gives it back
+        torch.testing.assert_close(merged[name], value, msg=name)
+    assert load(out).manifest["recipe"]["model"]["revision"] == "v9"  # the record of training is kept

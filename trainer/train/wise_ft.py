@@ -49,9 +49,10 @@ def wise_ft_checkpoint(
 ) -> Path:
     """``python -m trainer wise-ft``: a trained checkpoint with its encoder pulled toward its starting model
     (``interpolate_with_base``), written as a new checkpoint, so that ``alpha`` can be chosen after training
-    on a dev set, as Wortsman et al. do. ``base`` defaults to the manifest's base model. LoRA adapters are
-    merged first (the result holds plain weights); heads and the manifest are kept, the manifest's recipe
-    recording ``wise_ft.alpha``. Everything is checked before a model loads."""
+    on a dev set, as Wortsman et al. do. ``base`` defaults to the manifest's base model at the recipe's
+    revision (another ``base`` loads at its own). LoRA adapters are merged first (the result holds plain
+    weights); heads and the manifest are kept, the manifest's recipe recording ``wise_ft.alpha``. Everything
+    is checked before a model loads."""
     from trainer.lora import has_lora, merge_lora
     from trainer.serve.checkpoint import model_shape, resolve_model
     from trainer.serve.export import check_output_folder
@@ -69,6 +70,7 @@ def wise_ft_checkpoint(
             f"checkpoint: {checkpoint} is already merged (wise_ft.alpha {recipe['wise_ft'].get('alpha')}); "
             "merge the checkpoint training wrote instead"
         )
+    other_base = base is not None and base != manifest.get("base_model")
     base = base or manifest.get("base_model")
     if not base:
         raise UserError(f"--base: {checkpoint} has no {MANIFEST_NAME} naming its base model; pass --base <model>")
@@ -78,7 +80,9 @@ def wise_ft_checkpoint(
             f"--base: {base} has {base_shape[0]} layers x {base_shape[1]} dims, the checkpoint "
             f"{tuned_shape[0]} x {tuned_shape[1]}; give the model training started from"
         )
-    model_settings = {k: v for k, v in (recipe.get("model") or {}).items() if k != "lora"}
+    # The recipe's revision pins the model training started from; another --base brings its own.
+    dropped = {"lora", "revision"} if other_base else {"lora"}
+    model_settings = {k: v for k, v in (recipe.get("model") or {}).items() if k not in dropped}
     start = load_model(build_dataclass(ModelConfig, {**model_settings, "name": base}, "--base"))
     elastic = load(folder, device="cpu", trust_remote_code=bool(model_settings.get("trust_remote_code")))
     if has_lora(elastic.model):
