@@ -281,7 +281,7 @@ def main() -> None:
         )
         if c in reference
     ]
-    labels = {"st": "ST Matryoshka2dLoss", "ours": "ours (configs/flagship.yaml)"}
+    labels = {"st": "ST Matryoshka2dLoss", "ours": f"ours ({args.recipe})"}
     rows = {"untrained": [untrained]} if untrained else {}
     rows |= {labels.get(name, f"ablation {name}"): runs_ for name, runs_ in results.items()}
     signs = {f"{labels.get(name, name)}, --codes sign": sign_results[name] for name in sign_results}
