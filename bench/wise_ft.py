@@ -14,27 +14,33 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import yaml
 
 from bench.common import RESULTS, provenance
 from bench.flagship import GRID, TASKS, evaluate, scores
+from trainer.errors import OneLineParser, run_cli
+from trainer.serve.checkpoint import check_model_folder
+from trainer.train.recipe import check_alpha
 from trainer.train.wise_ft import wise_ft_checkpoint
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", type=Path, required=True, help="trained models (<seed folder>/model)")
     parser.add_argument("--alphas", nargs="+", type=float, required=True)
     parser.add_argument("--out", type=Path, default=Path("runs/wise"))
     parser.add_argument("--name", default="wise-ft")
     args = parser.parse_args()
-    for run in args.runs:
-        if not (run / "modules.json").is_file():
-            print(f"error: --runs: {run} is not a trained model folder", file=sys.stderr)
-            sys.exit(2)
+    run_cli(lambda: merge_and_score(args))
+
+
+def merge_and_score(args: argparse.Namespace) -> None:
+    for run in args.runs:  # every input checked before the first merge
+        check_model_folder(run, "--runs")
+    for alpha in args.alphas:
+        check_alpha(alpha, "--alphas")
     results = {}
     for run in args.runs:
         for alpha in args.alphas:
