@@ -5,7 +5,8 @@ import sys
 import pytest
 import yaml
 
-from tests.conftest import REPO, TINY_DIM, TINY_LAYERS
+from tests.conftest import REPO, SHARED_DATA, TINY_DIM, TINY_LAYERS
+from trainer.beir import SHARED_DATA_HINT
 from trainer.errors import UserError
 from trainer.serve.checkpoint import model_shape
 from trainer.train import run as train_module
@@ -142,8 +143,11 @@ def test_shipped_recipes_parse():
             load_recipe(path)
         except UserError as error:
             # Hub-only recipes cannot read their model config offline, GPU recipes (bf16) cannot build their
-            # training arguments on a CPU machine; everything else must parse.
-            assert "cannot read" in str(error) or "support bf16/gpu" in str(error), f"{path.name}: {error}"
+            # training arguments on a CPU machine, and recipes on ../shared/data cannot find it in a checkout
+            # without it beside (the other shared-data tests skip there); everything else must parse.
+            data_absent = not SHARED_DATA.is_dir() and SHARED_DATA_HINT in str(error)
+            allowed = "cannot read" in str(error) or "support bf16/gpu" in str(error) or data_absent
+            assert allowed, f"{path.name}: {error}"
 
 
 def test_processes_launched_without_a_distributed_setup_are_refused(monkeypatch):
