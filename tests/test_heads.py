@@ -220,6 +220,10 @@ def test_save_and_load_round_trip(tmp_path):
         ({"batch_size": 1}, "binary.batch_size: 1"),
         ({"scale": 0}, "binary.scale: 0"),
         ({"kl_weight": -1}, "binary.kl_weight: -1"),
+        ({"bit_weights": [2, 1]}, "binary.bit_weights: \\[2, 1\\] .* one number >= 0 per depth of binary.bits"),
+        ({"bit_weights": [0, 0, 0]}, "binary.bit_weights: \\[0, 0, 0\\] .*not all 0"),
+        ({"bit_weights": [1, -1, 1]}, "binary.bit_weights: \\[1, -1, 1\\]"),
+        ({"bit_weights": 2}, "binary.bit_weights: 2 is not valid"),
     ],
 )
 def test_binary_config_errors_name_key_and_valid_values(overrides, message):
@@ -266,6 +270,19 @@ def test_binary_code_loss_weights_match_a_direct_computation():
     kl = F.kl_div(F.log_softmax(code_scores / 0.5, -1), F.softmax(float_scores / 0.5, -1), reduction="batchmean")
     torch.testing.assert_close(components["bin/L6-D16-B1"], 0.5 * code_loss)
     torch.testing.assert_close(components["binkl/L6-D16-B1"], 2.0 * kl)
+
+
+def test_binary_code_loss_bit_weights_set_each_depths_share_of_both_groups():
+    heads = BinaryHeads([16, 32], [1, 2], hidden=0)
+    batch = make_batch([Cell(6, 16), Cell(6, 32)], heads)
+    equal = BinaryCodeLoss(heads, [1, 2], InfoNCELoss(), weight=0.5, kl_weight=2.0)(batch)
+    weighted = BinaryCodeLoss(heads, [1, 2], InfoNCELoss(), weight=0.5, kl_weight=2.0, bit_weights=[3, 1])(batch)
+    assert set(weighted) == set(equal)
+    for name, value in equal.items():  # equal weights: each depth has half of a group; [3, 1]: 3/4 and 1/4
+        factor = 1.5 if name.endswith("-B1") else 0.5
+        torch.testing.assert_close(weighted[name], factor * value)
+    with pytest.raises(ValueError, match="one weight >= 0 per depth"):
+        BinaryCodeLoss(heads, [1, 2], InfoNCELoss(), bit_weights=[1])
 
 
 def test_binary_code_loss_refuses_untrained_depths_and_saves_its_heads(tmp_path):

@@ -224,8 +224,10 @@ class BinaryConfig:
     together, ``trainer.losses.binary``) or ``head-only`` (frozen encoder, ``trainer.head_only``).
     ``weight`` / ``kl_weight`` / ``kl_temperature`` / ``scale``: the weight of the code InfoNCE group (its mean
     over cells and depths), of the KL-to-the-float-cell group, the KL temperature, and the logit scale
-    (1 / temperature) of the InfoNCE. ``encoder_grad``: how much of the codes' gradient reaches the encoder in
-    joint training (0: the codes never move it, 1: fully). ``lr``: the heads' learning rate, in both modes
+    (1 / temperature) of the InfoNCE. ``bit_weights``: one relative weight per depth of ``bits`` inside both
+    code groups (None: equal); e.g. ``[2, 1, 1]`` gives the 1-bit code half of each group. ``encoder_grad``:
+    how much of the codes' gradient reaches the encoder in joint training (0: the codes never move it, 1:
+    fully). ``lr``: the heads' learning rate, in both modes
     (not the encoder's fine-tuning rate); in joint mode ``0`` keeps the heads at their start, the parameter-free
     residual sign quantiser, so that only the encoder learns from the code terms. Head-only settings:
     ``steps``, ``batch_size``, ``weight_decay``, ``max_texts`` (cap on the number of raw texts encoded, None =
@@ -243,6 +245,7 @@ class BinaryConfig:
     kl_weight: float = 1.0
     kl_temperature: float = 1.0
     scale: float = 20.0
+    bit_weights: list[float] | None = None
     encoder_grad: float = 1.0
     steps: int = 1000
     batch_size: int = 256
@@ -255,6 +258,16 @@ class BinaryConfig:
 
     def __post_init__(self) -> None:
         self.bits = check_bits(self.bits, key="binary.bits")
+        if self.bit_weights is not None and (
+            isinstance(self.bit_weights, (str, int, float))
+            or len(self.bit_weights) != len(self.bits)
+            or any(isinstance(w, bool) or not isinstance(w, int | float) or w < 0 for w in self.bit_weights)
+            or sum(self.bit_weights) <= 0
+        ):
+            raise UserError(
+                f"binary.bit_weights: {self.bit_weights!r} is not valid; give one number >= 0 per depth of "
+                f"binary.bits {self.bits} (not all 0), e.g. {[2] + [1] * (len(self.bits) - 1)}"
+            )
         if self.sharing not in SHARING:
             raise UserError(f"binary.sharing: {self.sharing!r} is not valid; use one of {list(SHARING)}")
         if self.mode not in MODES:

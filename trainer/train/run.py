@@ -116,7 +116,13 @@ def build_loss(recipe: Recipe, model: SentenceTransformer, grid: Grid, teacher_d
         heads.requires_grad_(binary.lr > 0)  # lr 0: the residual sign quantiser stays as it is
         code_contrastive = InfoNCELoss(binary.scale, config.symmetric, config.gather_across_devices)
         terms["binary"] = BinaryCodeLoss(
-            heads, binary.bits, code_contrastive, binary.weight, binary.kl_weight, binary.kl_temperature
+            heads,
+            binary.bits,
+            code_contrastive,
+            binary.weight,
+            binary.kl_weight,
+            binary.kl_temperature,
+            binary.bit_weights,
         )
     if recipe.distill is not None:
         distill, student_dim = recipe.distill, embedding_dim(model)

@@ -46,7 +46,8 @@ def run_summary(
         binary = recipe.binary
         lines.append(
             f"codes: {binary.bits} bits per dim, {binary.mode}, heads lr {binary.lr}, weight {binary.weight}, "
-            f"KL {binary.kl_weight}, encoder_grad {binary.encoder_grad}"
+            f"KL {binary.kl_weight}, scale {binary.scale}, encoder_grad {binary.encoder_grad}"
+            + (f", bit weights {binary.bit_weights}" if binary.bit_weights is not None else "")
         )
     if recipe.distill is not None:
         distill = recipe.distill

@@ -43,14 +43,17 @@ class BinaryCodeLoss(nn.Module):
     (``trainer.train.losses.infonce``) and ``S_c`` those of the float cell; over the step's n (cell, depth)
     pairs:
 
-        L = weight * mean_{c,k} InfoNCE(S_ck) + kl_weight * mean_{c,k} KL(softmax(S_c / T) || softmax(S_ck / T))
+        L = weight * sum_k s_k mean_c InfoNCE(S_ck)
+          + kl_weight * sum_k s_k mean_c KL(softmax(S_c / T) || softmax(S_ck / T))
 
-    with ``S_c`` detached. Each group is a mean, so the share of the codes in the objective does not grow with
-    the number of cells or depths. Gradients reach the heads and (scaled by ``binary.encoder_grad``, see
-    ``ElasticLoss``) the encoder. BEBR (Gan et al., KDD 2023) trains only its deepest code; training every
-    configured depth is this project's extension, so that the shallow prefixes served at 1 or 2 bits are
-    themselves optimised rather than by-products. Components are logged as ``bin/L4-D128-B2`` and
-    ``binkl/L4-D128-B2``, already scaled by their group's ``weight / n``.
+    with ``S_c`` detached and ``s_k = w_k / sum_j w_j`` the share of depth k (``bit_weights``, equal by
+    default: each group is then the plain mean over its (cell, depth) pairs). Each group is a weighted mean, so
+    the share of the codes in the objective does not grow with the number of cells or depths. Gradients reach
+    the heads and (scaled by ``binary.encoder_grad``, see ``ElasticLoss``) the encoder. BEBR (Gan et al., KDD
+    2023) trains only its deepest code; training every configured depth is this project's extension, so that
+    the shallow prefixes served at 1 or 2 bits are themselves optimised rather than by-products. Components
+    are logged as ``bin/L4-D128-B2`` and ``binkl/L4-D128-B2``, already scaled by their group's
+    ``weight * s_k / n_cells``.
 
     Distributed training: the heads are parameters of this loss, not of the DDP-wrapped model, so the
     caller all-reduces their gradients; BatchNorm running statistics stay per rank.
@@ -66,9 +69,14 @@ class BinaryCodeLoss(nn.Module):
         weight: float = 1.0,
         kl_weight: float = 1.0,
         kl_temperature: float = 1.0,
+        bit_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         self.bits = trained_depths(heads, bits)
+        weights = [1.0] * len(self.bits) if bit_weights is None else [float(w) for w in bit_weights]
+        if len(weights) != len(self.bits) or min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f"bit_weights {bit_weights} must give one weight >= 0 per depth of {list(self.bits)}")
+        self.shares = {depth: w / sum(weights) for depth, w in zip(self.bits, weights, strict=True)}
         self.heads = heads
         self.contrastive = contrastive
         self.weight = weight
@@ -78,19 +86,24 @@ class BinaryCodeLoss(nn.Module):
     def forward(self, batch: CellBatch) -> dict[str, Tensor]:
         if len(batch.layer_embeddings) < 2:  # a label-free batch of one text column: nothing to contrast
             return {}
-        contrastive, kl = {}, {}
+        contrastive = {depth: {} for depth in self.bits}
+        kl = {depth: {} for depth in self.bits}
         for cell, columns in batch.embeddings.items():
             float_pool = self.contrastive.pool(columns[1:])[0] if self.kl_weight else None
             for depth in self.bits:
                 codes = batch.codes[cell.with_bits(depth)]
                 code_pool = self.contrastive.pool(codes[1:])
                 name = str(cell.with_bits(depth))
-                contrastive[f"bin/{name}"] = self.contrastive(codes[0], codes[1:], code_pool)
+                contrastive[depth][f"bin/{name}"] = self.contrastive(codes[0], codes[1:], code_pool)
                 if float_pool is not None:
-                    kl[f"binkl/{name}"] = self.contrastive.kl(
+                    kl[depth][f"binkl/{name}"] = self.contrastive.kl(
                         columns[0], float_pool, codes[0], code_pool[0], self.kl_temperature
                     )
-        return {**group_mean(contrastive, self.weight), **group_mean(kl, self.kl_weight)}
+        components = {}
+        for depth, share in self.shares.items():
+            components.update(group_mean(contrastive[depth], self.weight * share))
+            components.update(group_mean(kl[depth], self.kl_weight * share))
+        return components
 
     def get_config_dict(self) -> dict[str, Any]:
         return {
@@ -101,6 +114,7 @@ class BinaryCodeLoss(nn.Module):
             "weight": self.weight,
             "kl_weight": self.kl_weight,
             "kl_temperature": self.kl_temperature,
+            "bit_shares": {depth: round(share, 6) for depth, share in self.shares.items()},
         }
 
     def save_pretrained(self, directory: str | Path) -> None:
