@@ -15,6 +15,7 @@ Runs (each seed trains anew; the ST baseline gets exactly the same pairs, steps,
     python bench/flagship.py                       # ours + ST, 3 seeds
     python bench/flagship.py --ablation            # also the five ablation rows, 3 seeds each
     python bench/flagship.py --smoke               # a few steps, one task, two cells
+    python bench/flagship.py --held-out cranfield  # train without cranfield, evaluate on cranfield test
 
 Finished runs and evaluations (their output exists) are skipped, so an interrupted experiment resumes.
 Writes runs/flagship/ and bench/results/flagship.{json,md}: mean +- std over seeds of the mean nDCG@10 over
@@ -38,7 +39,8 @@ from bench.common import RESULTS, provenance
 
 STUDENT = "sentence-transformers/all-MiniLM-L6-v2"
 RECIPE = Path("configs/flagship.yaml")
-TASKS = [f"../shared/data/{name}:test" for name in ("cranfield", "cisi", "npl")]
+COLLECTIONS = ("cranfield", "cisi", "npl")
+TASKS = [f"../shared/data/{name}:test" for name in COLLECTIONS]
 GRID = ["--layers", "1", "2", "3", "4", "5", "6", "--dims", "32", "64", "128", "256", "384"]
 BITS = ["32", "1", "2", "4"]
 EVAL_MAX_TOKENS = "128"
@@ -82,6 +84,18 @@ def ablation_recipe(base: dict, row: str, distill: dict) -> dict:
         recipe.setdefault("distill", distill)
     pairs = [source for source in recipe["data"]["train"] if "texts" not in source]
     recipe["data"]["train"] = pairs + (TEXTS if step >= 4 else [])
+    return recipe
+
+
+def held_out_recipe(base: dict, collection: str) -> dict:
+    """``base`` without any training source read from ``collection`` (its pairs or its texts): a model trained
+    on it has never seen that collection, so its test split stands in for a new retrieval collection."""
+    recipe = copy.deepcopy(base)
+    recipe["data"]["train"] = [
+        source
+        for source in recipe["data"]["train"]
+        if Path(str(source.get("beir") or source.get("texts") or "")).name != collection
+    ]
     return recipe
 
 
@@ -208,6 +222,11 @@ def main() -> None:
     parser.add_argument(
         "--recipe", type=Path, default=RECIPE, help="our recipe (ours, the ablation rows and ST's steps, batch, lr)"
     )
+    parser.add_argument(
+        "--held-out",
+        choices=COLLECTIONS,
+        help="train without this collection's pairs and evaluate on its test split only (leave one collection out)",
+    )
     parser.add_argument("--runs", default="runs/flagship")
     parser.add_argument("--name", default="flagship", help="result file name under bench/results/")
     parser.add_argument(
@@ -228,6 +247,8 @@ def main() -> None:
     if args.smoke:
         overrides = ["--max_steps", "2", "--per_device_train_batch_size", "8"]
         tasks, grid = TASKS[:1], ["--cells", "L2-D64", "L6-D384"]
+    if args.held_out:
+        base, tasks = held_out_recipe(base, args.held_out), [f"../shared/data/{args.held_out}:test"]
     distill = {**DISTILL, "teacher": "self"} if args.smoke else DISTILL
     models = {"ours": base, "st": base}
     if args.ablation or args.models:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from tests.conftest import REPO, requires_shared_data
 
@@ -60,3 +61,14 @@ def test_grid_eval_benchmark_smoke():
     smoke("grid_eval")
     row = recorded("grid_eval")["rows"][0]
     assert row["grid_s"] > 0 and row["full_model_s"] > 0
+
+
+def test_flagship_held_out_recipe_drops_that_collection_and_nothing_else():
+    from bench.flagship import COLLECTIONS, RECIPE, held_out_recipe
+
+    base = yaml.safe_load((REPO / RECIPE).read_text())
+    names = [source["name"] for source in base["data"]["train"]]
+    for collection in COLLECTIONS:
+        kept = [source["name"] for source in held_out_recipe(base, collection)["data"]["train"]]
+        assert kept == [name for name in names if name != f"{collection}-pairs"]
+    assert [source["name"] for source in base["data"]["train"]] == names  # the published recipe is untouched
