@@ -280,12 +280,10 @@ def main() -> None:
             if name != "st":
                 sign_results.setdefault(name, []).append(scores(evaluate(str(model), out, log, grid, tasks, "sign")))
     untrained_grid = runs / "untrained" / "eval"
-    untrained = {} if args.report and not (untrained_grid / "grid-trained.json").is_file() else None
-    if untrained is None and earlier_payload and not (untrained_grid / "grid-trained.json").is_file():
-        untrained = earlier_payload["untrained"]
-    untrained = (
-        untrained if untrained is not None else scores(evaluate(STUDENT, untrained_grid, log, grid, tasks, "trained"))
-    )
+    if (untrained_grid / "grid-trained.json").is_file() or not (args.report or earlier_payload):
+        untrained = scores(evaluate(STUDENT, untrained_grid, log, grid, tasks, "trained"))
+    else:  # not evaluated here: the earlier result's, or none in a report
+        untrained = earlier_payload["untrained"] if earlier_payload else {}
     reference = untrained or next(iter(results.values()))[0]
     cells = sorted(reference, key=lambda c: (int(c.split("-B")[1]) != 32, int(c.split("-B")[1]), c))
     headline = [
