@@ -281,7 +281,7 @@ def test_binary_code_loss_bit_weights_set_each_depths_share_of_both_groups():
     for name, value in equal.items():  # equal weights: each depth has half of a group; [3, 1]: 3/4 and 1/4
         factor = 1.5 if name.endswith("-B1") else 0.5
         torch.testing.assert_close(weighted[name], factor * value)
-    with pytest.raises(ValueError, match="one weight >= 0 per depth"):
+    with pytest.raises(UserError, match="bit_weights: \\[1\\] .* one number >= 0 per depth of bits \\[1, 2\\]"):
         BinaryCodeLoss(heads, [1, 2], InfoNCELoss(), bit_weights=[1])
 
 

@@ -79,6 +79,24 @@ def check_bits(bits: Sequence[int], key: str = "bits") -> list[int]:
     return depths
 
 
+def depth_shares(bits: Sequence[int], weights: Sequence[float] | None, key: str = "bit_weights") -> dict[int, float]:
+    """Each depth's share ``w_k / sum_j w_j`` of the code terms, from one weight >= 0 per depth of ``bits``
+    (None: equal shares); UserError naming ``key`` (e.g. ``binary.bit_weights``) otherwise."""
+    if weights is None:
+        return {depth: 1.0 / len(bits) for depth in bits}
+    if (
+        isinstance(weights, (str, int, float))
+        or len(weights) != len(bits)
+        or any(isinstance(w, bool) or not isinstance(w, int | float) or w < 0 for w in weights)
+        or sum(weights) <= 0
+    ):
+        raise UserError(
+            f"{key}: {weights!r} is not valid; give one number >= 0 per depth of {key.replace('bit_weights', 'bits')} "
+            f"{list(bits)} (not all 0), e.g. {[2] + [1] * (len(bits) - 1)}"
+        )
+    return {depth: w / sum(weights) for depth, w in zip(bits, weights, strict=True)}
+
+
 class SignSTE(torch.autograd.Function):
     """``sign(z)`` forward (``+1`` where ``z > 0``, else ``-1``, as packed codes read bits); straight-through
     backward ``dL/dz = dL/db * 1[|z| <= 1]`` (Hubara et al. 2016; BEBR uses the same estimator)."""

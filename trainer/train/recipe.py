@@ -25,7 +25,7 @@ from typing import Any, Literal, get_args
 
 from trainer.beir import check_folder
 from trainer.binary.codes import check_packable
-from trainer.binary.heads import SHARING, BinaryHeads, Sharing, check_bits
+from trainer.binary.heads import SHARING, BinaryHeads, Sharing, check_bits, depth_shares
 from trainer.errors import UserError
 from trainer.grid import FLOAT_BITS, Cell, Grid, parse_cells
 from trainer.outputs import check_writable_folder
@@ -227,8 +227,8 @@ class BinaryConfig:
     (1 / temperature) of the InfoNCE. ``bit_weights``: one relative weight per depth of ``bits`` inside both
     code groups (None: equal); e.g. ``[2, 1, 1]`` gives the 1-bit code half of each group. ``encoder_grad``:
     how much of the codes' gradient reaches the encoder in joint training (0: the codes never move it, 1:
-    fully). ``lr``: the heads' learning rate, in both modes
-    (not the encoder's fine-tuning rate); in joint mode ``0`` keeps the heads at their start, the parameter-free
+    fully). ``lr``: the heads' learning rate, in both modes (not the encoder's fine-tuning rate); in joint mode
+    ``0`` keeps the heads at their start, the parameter-free
     residual sign quantiser, so that only the encoder learns from the code terms. Head-only settings:
     ``steps``, ``batch_size``, ``weight_decay``, ``max_texts`` (cap on the number of raw texts encoded, None =
     all), ``seed``, ``cache_dir`` (where float embeddings are cached, None = ``<output_dir>/binary_heads_cache``),
@@ -258,16 +258,8 @@ class BinaryConfig:
 
     def __post_init__(self) -> None:
         self.bits = check_bits(self.bits, key="binary.bits")
-        if self.bit_weights is not None and (
-            isinstance(self.bit_weights, (str, int, float))
-            or len(self.bit_weights) != len(self.bits)
-            or any(isinstance(w, bool) or not isinstance(w, int | float) or w < 0 for w in self.bit_weights)
-            or sum(self.bit_weights) <= 0
-        ):
-            raise UserError(
-                f"binary.bit_weights: {self.bit_weights!r} is not valid; give one number >= 0 per depth of "
-                f"binary.bits {self.bits} (not all 0), e.g. {[2] + [1] * (len(self.bits) - 1)}"
-            )
+        if self.bit_weights is not None:
+            depth_shares(self.bits, self.bit_weights, key="binary.bit_weights")
         if self.sharing not in SHARING:
             raise UserError(f"binary.sharing: {self.sharing!r} is not valid; use one of {list(SHARING)}")
         if self.mode not in MODES:

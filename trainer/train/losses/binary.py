@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainer.binary.heads import HEADS_FOLDER, BinaryHeads, check_bits
+from trainer.binary.heads import HEADS_FOLDER, BinaryHeads, check_bits, depth_shares
 from trainer.errors import UserError
 from trainer.grid import Cell
 from trainer.train.losses.elastic import CellBatch, group_mean
@@ -73,10 +73,7 @@ class BinaryCodeLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.bits = trained_depths(heads, bits)
-        weights = [1.0] * len(self.bits) if bit_weights is None else [float(w) for w in bit_weights]
-        if len(weights) != len(self.bits) or min(weights) < 0 or sum(weights) <= 0:
-            raise ValueError(f"bit_weights {bit_weights} must give one weight >= 0 per depth of {list(self.bits)}")
-        self.shares = {depth: w / sum(weights) for depth, w in zip(self.bits, weights, strict=True)}
+        self.shares = depth_shares(self.bits, bit_weights)
         self.heads = heads
         self.contrastive = contrastive
         self.weight = weight
