@@ -228,13 +228,12 @@ class BinaryConfig:
     code groups (None: equal); e.g. ``[2, 1, 1]`` gives the 1-bit code half of each group. ``encoder_grad``:
     how much of the codes' gradient reaches the encoder in joint training (0: the codes never move it, 1:
     fully). ``lr``: the heads' learning rate, in both modes (not the encoder's fine-tuning rate); in joint mode
-    ``0`` keeps the heads at their start, the parameter-free
-    residual sign quantiser, so that only the encoder learns from the code terms. Head-only settings:
-    ``steps``, ``batch_size``, ``weight_decay``, ``max_texts`` (cap on the number of raw texts encoded, None =
-    all), ``seed``, ``cache_dir`` (where float embeddings are cached, None = ``<output_dir>/binary_heads_cache``),
-    ``holdout`` (the share of the data kept out of training to check the heads against the parameter-free
-    quantiser afterwards; a head that ranks it worse is reset to that quantiser, ``trainer.train.holdout``;
-    0 trains on everything and checks nothing).
+    ``0`` keeps the heads at their start, the parameter-free residual sign quantiser, so that only the encoder
+    learns from the code terms. Head-only settings: ``steps``, ``batch_size``, ``weight_decay``, ``max_texts``
+    (cap on the number of raw texts encoded, None = all), ``seed``, ``cache_dir`` (where float embeddings are
+    cached, None = ``<output_dir>/binary_heads_cache``), ``holdout`` (the share of the data kept out of training
+    to check the heads against the parameter-free quantiser afterwards; a head that ranks it worse is reset to
+    that quantiser, ``trainer.train.holdout``; 0 trains on everything and checks nothing).
     """
 
     bits: list[int] = field(default_factory=lambda: [1, 2, 4])
@@ -258,8 +257,7 @@ class BinaryConfig:
 
     def __post_init__(self) -> None:
         self.bits = check_bits(self.bits, key="binary.bits")
-        if self.bit_weights is not None:
-            depth_shares(self.bits, self.bit_weights, key="binary.bit_weights")
+        depth_shares(self.bits, self.bit_weights, key="binary.bit_weights")  # validates; None is valid
         if self.sharing not in SHARING:
             raise UserError(f"binary.sharing: {self.sharing!r} is not valid; use one of {list(SHARING)}")
         if self.mode not in MODES:
