@@ -116,6 +116,26 @@ def test_layers_limit_the_term_to_their_cells_and_codes() -> None:
     assert early["rel/L2-D8-B1"].item() == pytest.approx(2 * every["rel/L2-D8-B1"].item())
 
 
+def test_layer_weights_give_each_layer_its_own_share() -> None:
+    cells = {Cell(2, 8): 8, Cell(2, 16): 16, Cell(4, 16): 16}
+    batch = make_batch(5, cells, teacher_dim=16)
+    batch.codes = {Cell(4, 16).with_bits(1): batch.embeddings[Cell(4, 16)]}
+    settings = dict(cosine_weight=3.0, similarity_weight=7.0, relative_weight=2.0, margin=0.1, relative_max_pairs=None)
+    last = DistillationLoss(16, 16, layers=(4,), **settings)(batch)
+    weighted = DistillationLoss(16, 16, layers={4: 1.0, 2: 0.25}, **settings)(batch)
+    # the last layer keeps exactly the share it has alone: {4: 1.0} adds layer 2, it does not dilute layer 4
+    for name, value in last.items():
+        assert weighted[name].item() == pytest.approx(value.item())
+    # layer 2's two cells share 0.25 x the weight: each component is weight * 0.25 / 2 of its loss
+    small, teacher = torch.cat(batch.embeddings[Cell(2, 8)]), DistillationLoss(16, 16).teacher_vectors(batch.labels, 2)
+    assert weighted["sim/L2-D8"].item() == pytest.approx(7.0 * 0.25 / 2 * similarity_loss(small, teacher).item())
+    assert set(weighted) == set(last) | {"sim/L2-D8", "sim/L2-D16", "rel/L2-D8", "rel/L2-D16"}
+    # the cosine term is the full cell's: scaled by the full cell's layer weight
+    half = DistillationLoss(16, 16, layers={4: 0.5}, **settings)(batch)
+    assert half["cos/L4-D16"].item() == pytest.approx(0.5 * last["cos/L4-D16"].item())
+    assert DistillationLoss(16, 16, layers={4: 1.0, 2: 0.25}).get_config_dict()["layers"] == {2: 0.25, 4: 1.0}
+
+
 def test_term_is_zero_when_student_equals_teacher() -> None:
     teacher = F.normalize(torch.randn(6, 8), dim=-1)
     batch = CellBatch({Cell(3, 8): [teacher.clone()]}, [], Cell(3, 8), 5.0 * teacher.unsqueeze(1))

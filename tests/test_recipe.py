@@ -47,6 +47,15 @@ def test_overrides_reach_training_and_nested_keys(raw):
     assert recipe.loss.type == "2dmse" and recipe.loss.cells == ["L1-D8", "L3-D24"]
 
 
+
+def test_distill_layers_take_a_list_or_per_layer_weights(raw):
+    apply_overrides(raw, ["--distill.teacher", "self", "--distill.layers", "{4: 1, 1: 0.25}"])
+    recipe = parse_recipe(raw)
+    assert recipe.distill.layers == {4: 1.0, 1: 0.25}
+    assert recipe.distill.distils(1) and recipe.distill.distils(4) and not recipe.distill.distils(2)
+    apply_overrides(raw, ["--distill.layers", "[2, 4]"])
+    assert parse_recipe(raw).distill.layers == [2, 4]
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
@@ -81,6 +90,18 @@ def test_overrides_reach_training_and_nested_keys(raw):
             r"distill.layers: \[\] is not valid; give a non-empty list of layer exits",
         ),
         (lambda r: r.update(distill={"teacher": "self", "layers": [0]}), r"distill.layers: \[0\] is not valid"),
+        (
+            lambda r: r.update(distill={"teacher": "self", "layers": {6: 1.0}}),
+            r"distill.layers: \{6: 1.0\} is not valid; the model has layers 1..4",
+        ),
+        (
+            lambda r: r.update(distill={"teacher": "self", "layers": {4: 1.0, 2: 0}}),
+            r"distill.layers.2: 0.0 is not valid; give a weight > 0 \(leave the layer out to not distil it\)",
+        ),
+        (
+            lambda r: r.update(distill={"teacher": "self", "layers": {4: "high"}}),
+            r"distill.layers: \{4: 'high'\} is not valid; expected a list like \[a, b\] of an integer or a mapping",
+        ),
         (
             lambda r: r.update(
                 distill={"teacher": "self", "layers": [1], "similarity_weight": 0, "relative_weight": 0}

@@ -156,7 +156,7 @@ class LossConfig:
 
     type: Literal["starbucks", "2dmse", "grid"] = "starbucks"
     cells: list[str] | None = None
-    layers: list[int] | None = None
+    layers: list[int] | dict[int, float] | None = None
     dims: list[int] | None = None
     scale: float = 20.0
     symmetric: bool = False
@@ -324,7 +324,9 @@ class DistillConfig:
     initialised projection to the teacher's width (when widths differ): it must fit the student quickly,
     not the student fit a random projection. ``layers`` lists the layer exits whose cells (and their codes)
     are distilled; None distils every cell. The cosine term belongs to the full cell, so it applies only
-    when the last layer is listed.
+    when the last layer is listed. A mapping ``{layer: weight}`` gives each listed layer its own share of the
+    terms (``DistillationLoss``): ``{6: 1.0, 1: 0.25}`` distils the last layer as ``[6]`` does and adds the
+    first layer's cells at a quarter of that.
     """
 
     teacher: str
@@ -339,7 +341,7 @@ class DistillConfig:
     trust_remote_code: bool = False
     relative_max_pairs: int | None = 2048
     projection_lr: float = 1e-3
-    layers: list[int] | None = None
+    layers: list[int] | dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.teacher, str) or not self.teacher.strip():
@@ -365,8 +367,16 @@ class DistillConfig:
         if self.layers is not None and (not self.layers or min(self.layers) < 1):
             raise UserError(
                 f"distill.layers: {self.layers!r} is not valid; give a non-empty list of layer exits "
-                "(positive integers, e.g. [1, 2, 3]) or null for every layer"
+                "(positive integers, e.g. [1, 2, 3]), a mapping of layer exit to weight (e.g. {6: 1.0, 1: 0.25}) "
+                "or null for every layer"
             )
+        if isinstance(self.layers, dict):
+            for layer, weight in self.layers.items():
+                if not weight > 0:
+                    raise UserError(
+                        f"distill.layers.{layer}: {weight!r} is not valid; give a weight > 0 (leave the layer out "
+                        "to not distil it)"
+                    )
 
     def distils(self, layer: int) -> bool:
         """Whether the cells of layer exit ``layer`` are distilled."""

@@ -54,6 +54,7 @@ def run_summary(
         lines.append(
             f"teacher: {distill.teacher} (cosine {distill.cosine_weight}, similarity {distill.similarity_weight}, "
             f"relative {distill.relative_weight})"
+            + (f", layers {distill.layers}" if distill.layers is not None else "")
         )
     lines.append(f"data: {_rows(data)} rows")
     steps = training.get("max_steps") or f"{training.get('num_train_epochs', 3)} epoch(s)"

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -119,7 +119,10 @@ class DistillationLoss(nn.Module):
 
     ``layers``: the layer exits whose cells and codes are distilled (None: all). A teacher can be a good one
     for shallow cells and a bad one for the last layer (BENCHMARKS.md §5); the cosine term, which belongs
-    to the full cell, applies only when the full cell's layer is listed.
+    to the full cell, applies only when the full cell's layer is listed. A mapping ``{layer: w_l}`` gives each
+    layer its own share instead of one mean over all cells: the similarity and relative terms become
+    ``weight * sum_l w_l * (mean over layer l's cells and codes)`` and the cosine term is scaled by the full
+    cell's ``w_l``, so ``{6: 1.0}`` is ``[6]`` and adding a layer leaves the others' shares as they were.
 
     ``gather_across_devices``: in distributed training the in-batch similarities span the texts of every
     process (``trainer.train.losses.infonce.gather_rows``): the similarity loss compares this process's
@@ -144,7 +147,7 @@ class DistillationLoss(nn.Module):
         margin: float = 0.015,
         relative_max_pairs: int | None = 2048,
         gather_across_devices: bool = False,
-        layers: Sequence[int] | None = None,
+        layers: Sequence[int] | Mapping[int, float] | None = None,
     ) -> None:
         super().__init__()
         self.student_dim, self.teacher_dim = student_dim, teacher_dim
@@ -155,6 +158,7 @@ class DistillationLoss(nn.Module):
         )
         self.margin, self.relative_max_pairs = margin, relative_max_pairs
         self.gather_across_devices = gather_across_devices
+        self.layer_weights = dict(sorted(layers.items())) if isinstance(layers, Mapping) else None
         self.layers = None if layers is None else tuple(sorted(set(layers)))
         needs_projection = student_dim != teacher_dim and cosine_weight > 0
         self.projection = TeacherProjection(student_dim, teacher_dim) if needs_projection else None
@@ -185,25 +189,45 @@ class DistillationLoss(nn.Module):
         if self.cosine_weight and self.distils(batch.full.layers):
             student = torch.cat(full_columns)
             projected = self.projection(student) if self.projection is not None else student
-            losses[f"cos/{batch.full.name2d}"] = self.cosine_weight * cosine_loss(projected, teacher)
-        cells = [(cell.name2d, columns) for cell, columns in batch.embeddings.items() if self.distils(cell.layers)]
-        cells += [(str(cell), columns) for cell, columns in batch.codes.items() if self.distils(cell.layers)]
+            weight = self.cosine_weight * self.layer_share(batch.full.layers)
+            losses[f"cos/{batch.full.name2d}"] = weight * cosine_loss(projected, teacher)
+        cells = [(cell.name2d, cell.layers, columns) for cell, columns in batch.embeddings.items()]
+        cells += [(str(cell), cell.layers, columns) for cell, columns in batch.codes.items()]
+        cells = [(name, layer, columns) for name, layer, columns in cells if self.distils(layer)]
+        layer_of = {name: layer for name, layer, _ in cells}
         all_teacher = gather_rows(teacher)[0] if self.gather_across_devices else teacher
         similarity, relative = {}, {}
-        for name, columns in cells:
+        for name, _, columns in cells:
             student = torch.cat(columns)
             all_student = gather_rows(student)[0] if self.gather_across_devices else student
             if self.similarity_weight:
-                similarity[f"sim/{name}"] = similarity_loss(student, teacher, all_student, all_teacher)
+                similarity[name] = similarity_loss(student, teacher, all_student, all_teacher)
             if self.relative_weight:
-                relative[f"rel/{name}"] = relative_similarity_loss(
+                relative[name] = relative_similarity_loss(
                     all_student, all_teacher, self.margin, self.relative_max_pairs
                 )
-        return {
-            **losses,
-            **group_mean(similarity, self.similarity_weight),
-            **group_mean(relative, self.relative_weight),
-        }
+        for prefix, components, weight in (
+            ("sim", similarity, self.similarity_weight),
+            ("rel", relative, self.relative_weight),
+        ):
+            losses.update(
+                {f"{prefix}/{name}": value for name, value in self.shares(components, layer_of, weight).items()}
+            )
+        return losses
+
+    def layer_share(self, layer: int) -> float:
+        """Layer exit ``layer``'s ``w_l`` (1 without a mapping of layer weights)."""
+        return 1.0 if self.layer_weights is None else self.layer_weights[layer]
+
+    def shares(self, components: dict[str, Tensor], layer_of: dict[str, int], weight: float) -> dict[str, Tensor]:
+        """``weight`` x the mean of ``components`` (by cell); with layer weights ``weight * sum_l w_l * mean_l``."""
+        if self.layer_weights is None:
+            return group_mean(components, weight)
+        scaled = {}
+        for layer, layer_weight in self.layer_weights.items():
+            of_layer = {name: value for name, value in components.items() if layer_of[name] == layer}
+            scaled.update(group_mean(of_layer, weight * layer_weight))
+        return scaled
 
     def get_config_dict(self) -> dict[str, Any]:
         return {
@@ -214,7 +238,7 @@ class DistillationLoss(nn.Module):
             "margin": self.margin,
             "relative_max_pairs": self.relative_max_pairs,
             "gather_across_devices": self.gather_across_devices,
-            "layers": None if self.layers is None else list(self.layers),
+            "layers": self.layer_weights or (None if self.layers is None else list(self.layers)),
         }
 
     def save_pretrained(self, directory: str | Path) -> None:
