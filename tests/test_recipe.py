@@ -47,7 +47,6 @@ def test_overrides_reach_training_and_nested_keys(raw):
     assert recipe.loss.type == "2dmse" and recipe.loss.cells == ["L1-D8", "L3-D24"]
 
 
-
 def test_distill_layers_take_a_list_or_per_layer_weights(raw):
     apply_overrides(raw, ["--distill.teacher", "self", "--distill.layers", "{4: 1, 1: 0.25}"])
     recipe = parse_recipe(raw)
@@ -55,6 +54,7 @@ def test_distill_layers_take_a_list_or_per_layer_weights(raw):
     assert recipe.distill.distils(1) and recipe.distill.distils(4) and not recipe.distill.distils(2)
     apply_overrides(raw, ["--distill.layers", "[2, 4]"])
     assert parse_recipe(raw).distill.layers == [2, 4]
+
 
 @pytest.mark.parametrize(
     ("edit", "message"),

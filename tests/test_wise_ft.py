@@ -132,6 +132,24 @@ def test_a_trained_run_saves_the_interpolation_of_the_same_run_without_it(tiny_m
     assert load_recipe(str(tmp_path / "merged.yaml")).wise_ft.alpha == 0.25
 
 
+def test_only_the_process_that_saves_loads_the_base_to_merge(tiny_model_path, tmp_path, monkeypatch):
+    """Under DDP every process trains, but only the one that writes the model needs the merged weights: the
+    others must not load a second copy of the base model."""
+    from sentence_transformers import SentenceTransformerTrainingArguments
+
+    import trainer.train.run as run
+
+    merges = []
+    monkeypatch.setattr(run, "interpolate_with_base", lambda *args: merges.append(args))
+    monkeypatch.setattr(SentenceTransformerTrainingArguments, "should_save", property(lambda self: False))
+    train_from_recipe(_recipe(tiny_model_path, tmp_path, tmp_path / "other-rank", 0.25))
+    assert merges == []
+    monkeypatch.undo()
+    monkeypatch.setattr(run, "interpolate_with_base", lambda *args: merges.append(args))
+    train_from_recipe(_recipe(tiny_model_path, tmp_path, tmp_path / "main-rank", 0.25))
+    assert len(merges) == 1 and merges[0][2] == 0.25
+
+
 def test_the_model_card_cites_wise_ft_only_when_the_recipe_merged():
     merged = _citations({"recipe": {"wise_ft": {"alpha": 0.85}}})
     plain = _citations({"recipe": {"wise_ft": None}})

@@ -267,7 +267,7 @@ def train(recipe: Recipe) -> SentenceTransformerTrainer:
     if resume:
         callback.load(resume)
     trainer.train(resume_from_checkpoint=resume)
-    if recipe.wise_ft is not None:
+    if recipe.wise_ft is not None and args.should_save:  # only the process that writes the model loads the base
         interpolate_with_base(model, load_model(recipe.model), recipe.wise_ft.alpha)
     trainer.save_model(str(recipe.output_dir))
     if trainer.is_world_process_zero():
