@@ -74,6 +74,10 @@ def test_distill_layers_take_a_list_or_per_layer_weights(raw):
         ),
         (lambda r: r["loss"].update(cells=None, layers=[1, 2], dims=[16, 16]), r"dims: \[16, 16\] must be strictly"),
         (lambda r: r["loss"].update(cells=[]), r"loss.cells: no cells given"),
+        (
+            lambda r: r["loss"].update(cells=None, layers={1: 1.0}, dims=[8]),
+            r"loss.layers: \{1: 1.0\} is not valid; expected a list like \[a, b\] of an integer",
+        ),
         (lambda r: r["loss"].update(scale=0), r"loss.scale: must be > 0, got 0"),
         (lambda r: r["loss"].update(mini_batch_size=0), r"loss.mini_batch_size: 0 is not valid; give a positive"),
         (lambda r: r["loss"].update(mini_batch_size="eight"), r"loss.mini_batch_size: 'eight' is not valid"),

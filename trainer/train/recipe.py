@@ -156,7 +156,7 @@ class LossConfig:
 
     type: Literal["starbucks", "2dmse", "grid"] = "starbucks"
     cells: list[str] | None = None
-    layers: list[int] | dict[int, float] | None = None
+    layers: list[int] | None = None
     dims: list[int] | None = None
     scale: float = 20.0
     symmetric: bool = False
