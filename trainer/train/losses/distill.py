@@ -186,48 +186,37 @@ class DistillationLoss(nn.Module):
             raise ValueError(f"the full cell {batch.full.name2d} has dim {batch.full.dim}, not {self.student_dim}")
         teacher = self.teacher_vectors(batch.labels, len(full_columns)).to(full_columns[0].device)
         losses: dict[str, Tensor] = {}
+        shares = self.layer_weights or {None: 1.0}  # each group's w_l; None: one group of every distilled cell
         if self.cosine_weight and self.distils(batch.full.layers):
             student = torch.cat(full_columns)
             projected = self.projection(student) if self.projection is not None else student
-            weight = self.cosine_weight * self.layer_share(batch.full.layers)
+            weight = self.cosine_weight * shares[self.share_group(batch.full.layers)]
             losses[f"cos/{batch.full.name2d}"] = weight * cosine_loss(projected, teacher)
-        cells = [(cell.name2d, cell.layers, columns) for cell, columns in batch.embeddings.items()]
-        cells += [(str(cell), cell.layers, columns) for cell, columns in batch.codes.items()]
-        cells = [(name, layer, columns) for name, layer, columns in cells if self.distils(layer)]
-        layer_of = {name: layer for name, layer, _ in cells}
+        cells = [
+            (cell.name2d, cell, columns) for cell, columns in batch.embeddings.items() if self.distils(cell.layers)
+        ]
+        cells += [(str(cell), cell, columns) for cell, columns in batch.codes.items() if self.distils(cell.layers)]
         all_teacher = gather_rows(teacher)[0] if self.gather_across_devices else teacher
-        similarity, relative = {}, {}
-        for name, _, columns in cells:
+        similarity, relative = {group: {} for group in shares}, {group: {} for group in shares}
+        for name, cell, columns in cells:
+            group = self.share_group(cell.layers)
             student = torch.cat(columns)
             all_student = gather_rows(student)[0] if self.gather_across_devices else student
             if self.similarity_weight:
-                similarity[name] = similarity_loss(student, teacher, all_student, all_teacher)
+                similarity[group][f"sim/{name}"] = similarity_loss(student, teacher, all_student, all_teacher)
             if self.relative_weight:
-                relative[name] = relative_similarity_loss(
+                relative[group][f"rel/{name}"] = relative_similarity_loss(
                     all_student, all_teacher, self.margin, self.relative_max_pairs
                 )
-        for prefix, components, weight in (
-            ("sim", similarity, self.similarity_weight),
-            ("rel", relative, self.relative_weight),
-        ):
-            losses.update(
-                {f"{prefix}/{name}": value for name, value in self.shares(components, layer_of, weight).items()}
-            )
+        for group, share in shares.items():
+            losses.update(group_mean(similarity[group], self.similarity_weight * share))
+            losses.update(group_mean(relative[group], self.relative_weight * share))
         return losses
 
-    def layer_share(self, layer: int) -> float:
-        """Layer exit ``layer``'s ``w_l`` (1 without a mapping of layer weights)."""
-        return 1.0 if self.layer_weights is None else self.layer_weights[layer]
-
-    def shares(self, components: dict[str, Tensor], layer_of: dict[str, int], weight: float) -> dict[str, Tensor]:
-        """``weight`` x the mean of ``components`` (by cell); with layer weights ``weight * sum_l w_l * mean_l``."""
-        if self.layer_weights is None:
-            return group_mean(components, weight)
-        scaled = {}
-        for layer, layer_weight in self.layer_weights.items():
-            of_layer = {name: value for name, value in components.items() if layer_of[name] == layer}
-            scaled.update(group_mean(of_layer, weight * layer_weight))
-        return scaled
+    def share_group(self, layer: int) -> int | None:
+        """The group whose mean the cells of layer exit ``layer`` join: that layer with layer weights, else None
+        (one group of every distilled cell)."""
+        return None if self.layer_weights is None else layer
 
     def get_config_dict(self) -> dict[str, Any]:
         return {
