@@ -10,6 +10,7 @@ from trainer.beir import SHARED_DATA_HINT
 from trainer.errors import UserError
 from trainer.serve.checkpoint import model_shape
 from trainer.train import run as train_module
+from trainer.train.losses.distill import distils
 from trainer.train.recipe import apply_overrides, load_recipe, parse_recipe
 
 
@@ -51,7 +52,8 @@ def test_distill_layers_take_a_list_or_per_layer_weights(raw):
     apply_overrides(raw, ["--distill.teacher", "self", "--distill.layers", "{4: 1, 1: 0.25}"])
     recipe = parse_recipe(raw)
     assert recipe.distill.layers == {4: 1.0, 1: 0.25}
-    assert recipe.distill.distils(1) and recipe.distill.distils(4) and not recipe.distill.distils(2)
+    assert distils(recipe.distill.layers, 1) and distils(recipe.distill.layers, 4)
+    assert not distils(recipe.distill.layers, 2)
     apply_overrides(raw, ["--distill.layers", "[2, 4]"])
     assert parse_recipe(raw).distill.layers == [2, 4]
 

@@ -31,6 +31,7 @@ from trainer.grid import FLOAT_BITS, Cell, Grid, parse_cells
 from trainer.outputs import check_writable_folder
 from trainer.serve.checkpoint import model_shape
 from trainer.settings import Plain, build_dataclass, did_you_mean, field_types, read_yaml, typed_value
+from trainer.train.losses.distill import distils
 
 logger = logging.getLogger(__name__)
 
@@ -378,17 +379,13 @@ class DistillConfig:
                         "to not distil it)"
                     )
 
-    def distils(self, layer: int) -> bool:
-        """Whether the cells of layer exit ``layer`` are distilled."""
-        return self.layers is None or layer in self.layers
-
     def check_layers(self, num_layers: int) -> None:
         """Every listed layer exit exists in a model of ``num_layers`` layers, and something is distilled."""
         if self.layers is None:
             return
         if max(self.layers) > num_layers:
             raise UserError(f"distill.layers: {self.layers} is not valid; the model has layers 1..{num_layers}")
-        if not self.distils(num_layers) and not (self.similarity_weight or self.relative_weight):
+        if not distils(self.layers, num_layers) and not (self.similarity_weight or self.relative_weight):
             raise UserError(
                 f"distill.layers: {self.layers} leaves only the cosine term, which needs the last layer "
                 f"({num_layers}); list it or set similarity_weight or relative_weight > 0"

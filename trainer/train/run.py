@@ -27,7 +27,7 @@ from trainer.train.data import load_sources, text_columns
 from trainer.train.head_only import CHECKPOINT_STATE, train_heads_only
 from trainer.train.losses import ElasticLoss, InfoNCELoss, Matryoshka2dLoss
 from trainer.train.losses.binary import BinaryCodeLoss, EmbeddingToEmbeddingLoss
-from trainer.train.losses.distill import DistillationLoss
+from trainer.train.losses.distill import DistillationLoss, distils
 from trainer.train.recipe import Recipe, load_recipe, training_arguments
 from trainer.train.student import load_model
 from trainer.train.summary import log_summary, run_summary
@@ -130,7 +130,7 @@ def build_loss(recipe: Recipe, model: SentenceTransformer, grid: Grid, teacher_d
             student_dim,
             teacher_dim,
             # no cosine term without the full cell, so no projection to train
-            distill.cosine_weight if distill.distils(full.layers) else 0.0,
+            distill.cosine_weight if distils(distill.layers, full.layers) else 0.0,
             distill.similarity_weight,
             distill.relative_weight,
             distill.margin,

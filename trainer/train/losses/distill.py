@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -105,6 +105,11 @@ def relative_similarity_loss(student: Tensor, teacher: Tensor, margin: float, ma
     return blockwise_sum(block, [student_sims, teacher_sims], [student_sims, teacher_sims]) / ordered
 
 
+def distils(layers: Iterable[int] | None, layer: int) -> bool:
+    """Whether the cells of layer exit ``layer`` are distilled when ``layers`` are listed (None: every layer)."""
+    return layers is None or layer in layers
+
+
 class DistillationLoss(nn.Module):
     """Jasper/Stella distillation term of ``ElasticLoss``: cosine at the full cell, similarity and relative at all.
 
@@ -176,10 +181,6 @@ class DistillationLoss(nn.Module):
             )
         return F.normalize(torch.cat(labels.unbind(dim=1)), dim=-1)
 
-    def distils(self, layers: int) -> bool:
-        """Whether the cells of layer exit ``layers`` are distilled."""
-        return self.layers is None or layers in self.layers
-
     def forward(self, batch: CellBatch) -> dict[str, Tensor]:
         full_columns = batch.embeddings[batch.full]
         if batch.full.dim != self.student_dim:
@@ -187,15 +188,14 @@ class DistillationLoss(nn.Module):
         teacher = self.teacher_vectors(batch.labels, len(full_columns)).to(full_columns[0].device)
         losses: dict[str, Tensor] = {}
         shares = self.layer_weights or {None: 1.0}  # each group's w_l; None: one group of every distilled cell
-        if self.cosine_weight and self.distils(batch.full.layers):
+        if self.cosine_weight and distils(self.layers, batch.full.layers):
             student = torch.cat(full_columns)
             projected = self.projection(student) if self.projection is not None else student
             weight = self.cosine_weight * shares[self.share_group(batch.full.layers)]
             losses[f"cos/{batch.full.name2d}"] = weight * cosine_loss(projected, teacher)
-        cells = [
-            (cell.name2d, cell, columns) for cell, columns in batch.embeddings.items() if self.distils(cell.layers)
-        ]
-        cells += [(str(cell), cell, columns) for cell, columns in batch.codes.items() if self.distils(cell.layers)]
+        named = [(cell.name2d, cell, columns) for cell, columns in batch.embeddings.items()]
+        named += [(str(cell), cell, columns) for cell, columns in batch.codes.items()]
+        cells = [(name, cell, columns) for name, cell, columns in named if distils(self.layers, cell.layers)]
         all_teacher = gather_rows(teacher)[0] if self.gather_across_devices else teacher
         similarity, relative = {group: {} for group in shares}, {group: {} for group in shares}
         for name, cell, columns in cells:
