@@ -8,7 +8,8 @@ bits at 1 bit), the baseline learned codes must beat.
 Runs (each seed trains anew; the ST baseline gets exactly the same pairs, steps, batch and learning rate):
 - ``ours``: configs/flagship.yaml, the published recipe;
 - the ablation rows (``--ablation``), cumulative: the Starbucks-style contrastive term alone, + KL, + binary
-  (joint), + distillation from all-mpnet-base-v2, + label-free corpus texts (``ABLATION`` below);
+  (joint), + distillation (the published recipe's own ``distill`` section, its self-anchor on the last layer;
+  all-mpnet-base-v2 for a recipe without one), + label-free corpus texts (``ABLATION`` below);
 - ``st``: bench/st_baseline.py (Matryoshka2dLoss around MultipleNegativesRankingLoss);
 - ``untrained``: the student as is.
 
@@ -62,7 +63,7 @@ ABLATION = {
     "contrastive": "Starbucks-style contrastive term alone (every dim of the last layer + earlier cells)",
     "+kl": "+ KL of every cell to the full cell",
     "+binary": "+ 1/2/4-bit heads trained jointly",
-    "+distill": "+ distillation from all-mpnet-base-v2 (Jasper/Stella losses)",
+    "+distill": "+ distillation (Jasper/Stella losses): the published recipe's own, else from all-mpnet-base-v2",
     "+texts": "+ label-free corpus texts (distillation only)",
 }
 
