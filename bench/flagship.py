@@ -8,7 +8,7 @@ bits at 1 bit), the baseline learned codes must beat.
 Runs (each seed trains anew; the ST baseline gets exactly the same pairs, steps, batch and learning rate):
 - ``ours``: configs/flagship.yaml, the published recipe;
 - the ablation rows (``--ablation``), cumulative: the Starbucks-style contrastive term alone, + KL, + binary
-  (joint), + distillation (the published recipe's own ``distill`` section, its self-anchor on the last layer;
+  (joint), + distillation (the published recipe's own ``distill`` section, its self-anchor on the last and first layers;
   all-mpnet-base-v2 for a recipe without one), + label-free corpus texts (``ABLATION`` below);
 - ``st``: bench/st_baseline.py (Matryoshka2dLoss around MultipleNegativesRankingLoss);
 - ``untrained``: the student as is.
